@@ -1,0 +1,93 @@
+"""Pure pricing: the cost of a finished prediction in integer micro-dollars."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from fnmatch import fnmatchcase
+from typing import Any
+
+from app.config import PriceRule
+
+MICROS_PER_USD = Decimal(1_000_000)
+BILLED_STATUSES = frozenset({"succeeded"})
+
+
+@dataclass(frozen=True)
+class Cost:
+    """A computed cost, with a note when something needed for it was missing."""
+
+    micros: int
+    note: str | None = None
+
+
+def find_rule(prices: Sequence[PriceRule], model: str) -> PriceRule | None:
+    """The first price entry, in file order, whose glob matches `owner/name`."""
+    return next((rule for rule in prices if fnmatchcase(model, rule.model)), None)
+
+
+def output_count(output: Any) -> int:
+    """Output items: a list's length, 1 for any other non-null value."""
+    if output is None:
+        return 0
+    if isinstance(output, list):
+        return len(output)
+    return 1
+
+
+def _metric(metrics: dict[str, Any] | None, name: str) -> Decimal | None:
+    value = (metrics or {}).get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        amount = Decimal(str(value))
+    except InvalidOperation:
+        return None
+    return amount if amount.is_finite() and amount >= 0 else None
+
+
+def to_micros(usd: Decimal) -> int:
+    """USD to micro-dollars, rounded half up once."""
+    return int((usd * MICROS_PER_USD).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def usd_text(micros: int) -> str:
+    """Micro-dollars as an exact USD string with six decimals, e.g. "0.009000"."""
+    sign = "-" if micros < 0 else ""
+    whole, frac = divmod(abs(micros), 1_000_000)
+    return f"{sign}{whole}.{frac:06d}"
+
+
+def cost_of(
+    rule: PriceRule | None,
+    *,
+    status: str,
+    output: Any,
+    metrics: dict[str, Any] | None,
+) -> Cost:
+    """What a prediction that ended in `status` costs under `rule`."""
+    if status not in BILLED_STATUSES:
+        return Cost(0)
+    if rule is None:
+        return Cost(0, "no price matched this model")
+    total = Decimal(0)
+    missing: list[str] = []
+    if rule.per_prediction is not None:
+        total += rule.per_prediction
+    if rule.per_output is not None:
+        total += rule.per_output * output_count(output)
+    for price, metric in (
+        (rule.per_second, "predict_time"),
+        (rule.per_input_token, "input_token_count"),
+        (rule.per_output_token, "output_token_count"),
+    ):
+        if price is None:
+            continue
+        amount = _metric(metrics, metric)
+        if amount is None:
+            missing.append(metric)
+        else:
+            total += price * amount
+    note = f"metrics missing: {', '.join(missing)}" if missing else None
+    return Cost(to_micros(total), note)

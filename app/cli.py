@@ -1,0 +1,232 @@
+"""The `replicate-gateway` command: serve, migrate, demo, tokens and usage."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from datetime import UTC, date, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import httpx
+import orjson
+
+from app.accounting import usage as usage_report
+from app.accounting.pricing import to_micros, usd_text
+from app.config import Settings, get_settings
+from app.db import make_engine, make_sessionmaker, migrate, run_sync
+from app.tokens import service as token_service
+
+DEMO_UPSTREAM_URL = "http://demo-upstream/replicate"
+
+
+def _print(text: str) -> None:
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"replicate-gateway: {message}\n")
+    return 2
+
+
+def _usd(value: str) -> int:
+    try:
+        amount = Decimal(value)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"not an amount of USD: {value}") from None
+    if not amount.is_finite() or amount < 0:
+        raise argparse.ArgumentTypeError("the amount must be a non-negative number")
+    return to_micros(amount)
+
+
+def _timestamp(value: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {value}") from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def _day(value: str) -> date:
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {value}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every sub-command."""
+    parser = argparse.ArgumentParser(prog="replicate-gateway", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    for name, text in (("serve", "apply pending migrations, then serve"),
+                       ("demo", "serve with a built-in simulated upstream")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--host", default="127.0.0.1")
+        command.add_argument("--port", type=int, default=8000)
+    commands.add_parser("migrate", help="apply pending database migrations")
+
+    tokens = commands.add_parser("tokens", help="create, list and revoke gateway tokens")
+    token_commands = tokens.add_subparsers(dest="tokens_command", required=True)
+    create = token_commands.add_parser("create", help="create a token (the secret is shown once)")
+    create.add_argument("name")
+    create.add_argument("--budget", type=_usd, metavar="USD")
+    create.add_argument("--models", nargs="+", metavar="GLOB", help="owner/name globs it may run")
+    create.add_argument("--expires-at", type=_timestamp, metavar="ISO")
+    create.add_argument("--json", action="store_true")
+    listing = token_commands.add_parser("list", help="list tokens")
+    listing.add_argument("--json", action="store_true")
+    revoke = token_commands.add_parser("revoke", help="revoke a token by name or id")
+    revoke.add_argument("name_or_id")
+
+    usage = commands.add_parser("usage", help="predictions and cost, grouped")
+    usage.add_argument("--since", type=_day, metavar="YYYY-MM-DD")
+    usage.add_argument("--until", type=_day, metavar="YYYY-MM-DD")
+    usage.add_argument("--group-by", nargs="+", action="extend", default=[],
+                       choices=usage_report.GROUP_KEYS)
+    usage.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    return parser
+
+
+async def _with_session(settings: Settings, work: Any) -> Any:
+    engine = make_engine(settings.database_url)
+    try:
+        async with make_sessionmaker(engine)() as session:
+            return await work(session)
+    finally:
+        await engine.dispose()
+
+
+def _token_view(token: Any) -> dict[str, Any]:
+    return {
+        "id": token.id,
+        "name": token.name,
+        "prefix": token.display_prefix,
+        "models": token.model_globs,
+        "budget_usd": usd_text(token.budget_micros) if token.budget_micros is not None else None,
+        "created_at": token.created_at.isoformat(),
+        "expires_at": token.expires_at.isoformat() if token.expires_at else None,
+        "revoked_at": token.revoked_at.isoformat() if token.revoked_at else None,
+    }
+
+
+def _tokens(settings: Settings, args: argparse.Namespace) -> int:
+    secret = settings.secret_key.get_secret_value() if settings.secret_key else None
+
+    async def create(session: Any) -> int:
+        key = await token_service.load_instance_key(session, secret)
+        try:
+            issued = await token_service.create(
+                session, key=key, name=args.name, model_globs=args.models,
+                budget_micros=args.budget, expires_at=args.expires_at,
+            )
+        except token_service.TokenNameTaken:
+            return _fail(f"a token named {args.name!r} already exists")
+        if args.json:
+            _print(orjson.dumps({"id": issued.row.id, "name": issued.row.name, "token": issued.secret}).decode())
+        else:
+            _print(f"Created token {issued.row.name} ({issued.row.id}). It is shown only now:\n{issued.secret}")
+        return 0
+
+    async def listing(session: Any) -> int:
+        rows = [_token_view(t) for t in await token_service.list_all(session)]
+        if args.json:
+            _print(orjson.dumps(rows).decode())
+            return 0
+        _print(f"{'NAME':24} {'ID':26} {'PREFIX':10} {'STATE':8} MODELS")
+        for row in rows:
+            state = "revoked" if row["revoked_at"] else "active"
+            _print(f"{row['name']:24} {row['id']:26} {row['prefix']:10} {state:8} {','.join(row['models'] or ['*'])}")
+        return 0
+
+    async def revoke(session: Any) -> int:
+        token = await token_service.find(session, args.name_or_id)
+        if token is None:
+            return _fail(f"no token named {args.name_or_id!r}")
+        await token_service.revoke(session, token)
+        _print(f"Revoked token {token.name} ({token.id}).")
+        return 0
+
+    work = {"create": create, "list": listing, "revoke": revoke}[args.tokens_command]
+    result: int = run_sync(_with_session(settings, work))
+    return result
+
+
+def _usage(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(session: Any) -> dict[str, Any]:
+        return await usage_report.report(session, since=args.since, until=args.until, group_by=args.group_by)
+
+    result = run_sync(_with_session(settings, work))
+    if args.format == "json":
+        _print(orjson.dumps(result).decode())
+    elif args.format == "csv":
+        _print(usage_report.as_csv(result))
+    else:
+        _print(usage_report.as_table(result))
+    return 0
+
+
+def _serve(settings: Settings, host: str, port: int, *, demo: bool) -> int:
+    import uvicorn
+
+    from app.main import create_app
+
+    migrate(settings.database_url)
+    transport = None
+    demo_app = None
+    if demo:
+        from app.demo.upstream import create_demo_upstream
+
+        origin = settings.public_url or f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"  # noqa: S104
+        url = httpx.URL(origin)
+        demo_app = create_demo_upstream(output_base_url=f"{url.scheme}://{url.netloc.decode()}/demo")
+        transport = httpx.ASGITransport(app=demo_app)
+        settings = settings.model_copy(update={"upstream_url": DEMO_UPSTREAM_URL, "upstream_token": None})
+        _announce_demo(settings, host, port)
+    elif settings.upstream_token is None:
+        sys.stderr.write("replicate-gateway: warning: GATEWAY_UPSTREAM_TOKEN is not set\n")
+    app = create_app(settings, upstream_transport=transport)
+    if demo_app is not None:
+        app.mount("/demo", demo_app)
+    uvicorn.run(app, host=host, port=port, log_config=None, proxy_headers=False,
+                loop="uvloop" if sys.platform != "win32" else "asyncio", http="httptools")
+    return 0
+
+
+def _announce_demo(settings: Settings, host: str, port: int) -> None:
+    async def work(session: Any) -> Any:
+        key = await token_service.load_instance_key(
+            session, settings.secret_key.get_secret_value() if settings.secret_key else None
+        )
+        name = "demo-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
+        return await token_service.create(session, key=key, name=name)
+
+    issued = run_sync(_with_session(settings, work))
+    base = settings.public_url or f"http://{host}:{port}/replicate"
+    _print(
+        "replicate-gateway demo: a simulated upstream answers every model.\n"
+        f"A token for this demo (shown only now): {issued.secret}\n"
+        f"  export REPLICATE_API_TOKEN={issued.secret}\n"
+        f"  export REPLICATE_BASE_URL={base}\n"
+    )
+    sys.stdout.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line."""
+    args = build_parser().parse_args(argv)
+    settings = get_settings()
+    if args.command in ("serve", "demo"):
+        return _serve(settings, args.host, args.port, demo=args.command == "demo")
+    if args.command == "migrate":
+        migrate(settings.database_url)
+        _print("The database is up to date.")
+        return 0
+    if args.command == "tokens":
+        return _tokens(settings, args)
+    return _usage(settings, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

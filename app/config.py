@@ -1,0 +1,110 @@
+"""Settings, read once from GATEWAY_* environment variables and an optional TOML file."""
+
+from __future__ import annotations
+
+import tomllib
+from decimal import Decimal, InvalidOperation
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_UPSTREAM_URL = "https://api.replicate.com"
+
+
+class PriceRule(BaseModel):
+    """One `[[prices]]` entry: a glob on `owner/name` and exact USD amounts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str
+    per_prediction: Decimal | None = None
+    per_output: Decimal | None = None
+    per_second: Decimal | None = None
+    per_input_token: Decimal | None = None
+    per_output_token: Decimal | None = None
+
+    @field_validator(
+        "per_prediction", "per_output", "per_second", "per_input_token", "per_output_token",
+        mode="before",
+    )
+    @classmethod
+    def _exact_decimal(cls, value: Any) -> Any:
+        # TOML floats are binary; going through str() keeps what the operator wrote.
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
+            raise ValueError("must be a decimal number of USD")
+        try:
+            amount = Decimal(str(value))
+        except InvalidOperation as exc:
+            raise ValueError("must be a decimal number of USD") from exc
+        if not amount.is_finite() or amount < 0:
+            raise ValueError("must be a finite, non-negative amount")
+        return amount
+
+
+class Settings(BaseSettings):
+    """Every setting of the gateway; built once and passed to `create_app`."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_file=".env", extra="ignore")
+
+    database_url: str = "sqlite:///./gateway.db"
+    upstream_url: str = DEFAULT_UPSTREAM_URL
+    upstream_token: SecretStr | None = None
+    public_url: str | None = None
+    admin_token: SecretStr | None = None
+    secret_key: SecretStr | None = None
+    config: Path | None = None
+
+    connect_timeout: float = Field(default=5.0, gt=0)
+    create_timeout: float = Field(default=30.0, gt=0)
+    request_timeout: float = Field(default=10.0, gt=0)
+    max_body_bytes: int = Field(default=1024 * 1024, gt=0)
+    max_upstream_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    log_level: str = "INFO"
+
+    prices: list[PriceRule] = Field(default_factory=list)
+
+    @field_validator("upstream_url", "public_url")
+    @classmethod
+    def _absolute_http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip().rstrip("/")
+        if not value.startswith(("http://", "https://")) or "#" in value or "?" in value:
+            raise ValueError("must be an absolute http(s) URL without query or fragment")
+        return value
+
+    @model_validator(mode="after")
+    def _load_config_file(self) -> Settings:
+        if self.config is not None and not self.prices:
+            with self.config.open("rb") as handle:
+                data = tomllib.load(handle)
+            self.prices = [PriceRule.model_validate(entry) for entry in data.get("prices", [])]
+        return self
+
+    @property
+    def async_database_url(self) -> str:
+        """The database URL with the async driver SQLAlchemy needs."""
+        return to_async_url(self.database_url)
+
+
+def to_async_url(url: str) -> str:
+    """Map `sqlite://` and `postgresql://` URLs to their asyncio drivers."""
+    for plain, driver in (
+        ("sqlite://", "sqlite+aiosqlite://"),
+        ("postgresql://", "postgresql+asyncpg://"),
+        ("postgres://", "postgresql+asyncpg://"),
+    ):
+        if url.startswith(plain):
+            return driver + url[len(plain):]
+    return url
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Settings from the environment, for the command line only."""
+    return Settings()

@@ -1,0 +1,106 @@
+"""Database engine, declarative base and the Alembic migration entry points."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import MetaData, event
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.pool import NullPool
+
+from app.config import to_async_url
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+class Base(DeclarativeBase):
+    """Declarative base with stable constraint names on every database."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def make_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
+    """An async engine; on SQLite, WAL and write-locking transactions (BEGIN IMMEDIATE)."""
+    url = to_async_url(database_url)
+    if url.startswith("sqlite"):
+        engine = create_async_engine(url, poolclass=NullPool, **kwargs)
+        _configure_sqlite(engine)
+        return engine
+    connect_args = {"server_settings": {"timezone": "UTC"}}
+    return create_async_engine(
+        url, pool_size=10, max_overflow=20, pool_pre_ping=True, connect_args=connect_args, **kwargs
+    )
+
+
+def _configure_sqlite(engine: AsyncEngine) -> None:
+    # SQLAlchemy's documented pysqlite recipe: take the write lock when a transaction
+    # begins, so read-then-write transactions never fail with "database is locked".
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        for pragma in (
+            "journal_mode=WAL", "busy_timeout=10000", "foreign_keys=ON", "synchronous=NORMAL"
+        ):
+            cursor.execute(f"PRAGMA {pragma}")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions that keep loaded rows usable after commit."""
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def alembic_config(database_url: str) -> Config:
+    """An Alembic configuration for our migrations and the given database."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["database_url"] = to_async_url(database_url)
+    return config
+
+
+def migrate(database_url: str, revision: str = "head") -> None:
+    """Apply pending migrations (blocking; call it outside a running event loop)."""
+    command.upgrade(alembic_config(database_url), revision)
+
+
+async def schema_is_current(engine: AsyncEngine) -> bool:
+    """Whether the database is at the newest migration this code expects."""
+    head = ScriptDirectory.from_config(alembic_config(str(engine.url))).get_current_head()
+
+    def current(connection: Connection) -> str | None:
+        return MigrationContext.configure(connection).get_current_revision()
+
+    async with engine.connect() as connection:
+        revision = await connection.run_sync(current)
+    return revision == head
+
+
+def run_sync(coro: Any) -> Any:
+    """Run a coroutine to completion from synchronous code such as the CLI."""
+    return asyncio.run(coro)

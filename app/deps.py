@@ -1,0 +1,68 @@
+"""Request dependencies: the shared state, the caller's token and the public base URL."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.errors import Unauthenticated
+from app.state import GatewayState
+from app.tokens import service as token_service
+from app.tokens.models import ApiToken
+
+_SCHEMES = ("bearer", "token")
+
+
+def get_state(request: Request) -> GatewayState:
+    """The app's shared state, made in the lifespan."""
+    state: GatewayState = request.app.state.gateway
+    return state
+
+
+StateDep = Annotated[GatewayState, Depends(get_state)]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The authenticated token and the secret it presented (kept only for redaction)."""
+
+    token: ApiToken
+    secret: str
+
+
+def presented_secret(request: Request) -> str | None:
+    """The token from `Authorization: Bearer <t>` or `Token <t>` (scheme case-insensitive)."""
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, value = header.strip().partition(" ")
+    value = value.strip()
+    if scheme.lower() not in _SCHEMES or not value or len(value) > 512:
+        return None
+    return value
+
+
+async def require_caller(request: Request, state: StateDep) -> Caller:
+    """The live gateway token behind this request, or 401."""
+    secret = presented_secret(request)
+    if secret is None:
+        raise Unauthenticated()
+    async with state.sessions() as session:
+        token = await token_service.authenticate(session, secret, state.key)
+    return Caller(token=token, secret=secret)
+
+
+CallerDep = Annotated[Caller, Depends(require_caller)]
+
+
+def public_base(request: Request, state: StateDep) -> str:
+    """The gateway's external base URL, prefix included (`https://gw/replicate`)."""
+    if state.settings.public_url:
+        return state.settings.public_url
+    prefix = "/replicate" if request.url.path.startswith("/replicate/") else ""
+    return f"{request.url.scheme}://{request.url.netloc}{prefix}"
+
+
+PublicBaseDep = Annotated[str, Depends(public_base)]

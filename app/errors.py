@@ -1,0 +1,214 @@
+"""Errors rendered to clients as Replicate-style `application/problem+json`.
+
+    GatewayError (500)
+    ├── BadRequest (400)
+    ├── Unauthenticated (401)
+    ├── PaymentRequired (402)
+    ├── Forbidden (403)
+    ├── NotFound (404)
+    ├── MethodNotAllowed (405)
+    ├── PayloadTooLarge (413)
+    ├── UnsupportedMediaType (415)
+    ├── ValidationFailed (422, with invalid_fields)
+    ├── Throttled (429, with Retry-After)
+    └── UpstreamError
+        ├── UpstreamStatus (the upstream's own 4xx/5xx status, scrubbed body)
+        ├── UpstreamInvalid (502)
+        ├── UpstreamUnavailable (502)
+        └── UpstreamTimeout (504)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, ClassVar, cast
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class GatewayError(Exception):
+    """Base of every error rendered to clients."""
+
+    status: ClassVar[int] = 500
+    title: ClassVar[str] = "Internal Server Error"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.detail = detail or self.title
+        self.headers = dict(headers or {})
+        self.extra = dict(extra or {})
+        super().__init__(self.detail)
+
+    def to_body(self) -> dict[str, Any]:
+        """The problem+json body."""
+        return {"title": self.title, "detail": self.detail, "status": self.status, **self.extra}
+
+
+class BadRequest(GatewayError):
+    status, title = 400, "Bad Request"
+
+
+class Unauthenticated(GatewayError):
+    status, title = 401, "Unauthenticated"
+
+    def __init__(self, detail: str = "You did not pass a valid authentication token") -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+class PaymentRequired(GatewayError):
+    status, title = 402, "Payment Required"
+
+
+class Forbidden(GatewayError):
+    status, title = 403, "Forbidden"
+
+
+class NotFound(GatewayError):
+    status, title = 404, "Not found"
+
+
+class MethodNotAllowed(GatewayError):
+    status, title = 405, "Method Not Allowed"
+
+
+class PayloadTooLarge(GatewayError):
+    status, title = 413, "Request Entity Too Large"
+
+
+class UnsupportedMediaType(GatewayError):
+    status, title = 415, "Unsupported Media Type"
+
+
+class ValidationFailed(GatewayError):
+    status, title = 422, "Input validation failed"
+
+    def __init__(self, invalid_fields: list[dict[str, str]]) -> None:
+        detail = "".join(f"- {f['field']}: {f['description']}\n" for f in invalid_fields)
+        super().__init__(detail, extra={"invalid_fields": invalid_fields})
+
+
+class Throttled(GatewayError):
+    status, title = 429, "Request was throttled"
+
+    def __init__(self, retry_after: int, detail: str | None = None) -> None:
+        retry_after = max(1, int(retry_after))
+        super().__init__(
+            detail or f"Request was throttled. Expected available in {retry_after} seconds.",
+            headers={"Retry-After": str(retry_after)},
+        )
+
+
+class UpstreamError(GatewayError):
+    status, title = 502, "Bad Gateway"
+
+
+class UpstreamStatus(UpstreamError):
+    """The upstream answered with an error status that we pass on, scrubbed."""
+
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(detail, headers=headers, extra=extra)
+        self.status = status  # type: ignore[misc]
+        self.title = title  # type: ignore[misc]
+
+
+class UpstreamInvalid(UpstreamError):
+    status, title = 502, "Bad Gateway"
+
+    def __init__(self, detail: str = "The upstream service returned an invalid response") -> None:
+        super().__init__(detail)
+
+
+class UpstreamUnavailable(UpstreamError):
+    status, title = 502, "Bad Gateway"
+
+    def __init__(self, detail: str = "The upstream service could not be reached") -> None:
+        super().__init__(detail)
+
+
+class UpstreamTimeout(UpstreamError):
+    status, title = 504, "Gateway Timeout"
+
+    def __init__(self, detail: str = "The upstream service did not answer in time") -> None:
+        super().__init__(detail)
+
+
+def problem_response(error: GatewayError) -> Response:
+    """Render an error as problem+json with its headers."""
+    return Response(
+        content=orjson.dumps(error.to_body()),
+        status_code=error.status,
+        media_type=PROBLEM_JSON,
+        headers=error.headers,
+    )
+
+
+def _field_path(location: tuple[Any, ...] | list[Any]) -> str:
+    parts = [str(p) for p in location if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
+
+
+def invalid_fields_from(errors: Any) -> list[dict[str, str]]:
+    """Replicate's `invalid_fields` from pydantic's error list."""
+    return [
+        {"type": str(e.get("type", "invalid")), "field": _field_path(e.get("loc", ())),
+         "description": str(e.get("msg", "is invalid"))}
+        for e in errors
+    ]
+
+
+_STATUS_ERRORS: dict[int, type[GatewayError]] = {
+    400: BadRequest, 401: Unauthenticated, 403: Forbidden, 404: NotFound,
+    405: MethodNotAllowed, 413: PayloadTooLarge, 415: UnsupportedMediaType,
+}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Render every error, ours or the framework's, as problem+json; never a bare 500."""
+
+    async def on_gateway_error(_: Request, exc: Exception) -> Response:
+        return problem_response(cast(GatewayError, exc))
+
+    async def on_validation_error(_: Request, exc: Exception) -> Response:
+        errors = cast(RequestValidationError, exc).errors()
+        return problem_response(ValidationFailed(invalid_fields_from(errors)))
+
+    async def on_http_error(_: Request, exc: Exception) -> Response:
+        error_class = _STATUS_ERRORS.get(cast(StarletteHTTPException, exc).status_code)
+        if error_class is NotFound or error_class is None:
+            error: GatewayError = NotFound("The requested resource could not be found")
+        elif error_class is Unauthenticated:
+            error = Unauthenticated()
+        else:
+            error = error_class()
+        return problem_response(error)
+
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        log.error("request.failed", exc_info=exc, extra={"path": request.url.path})
+        return problem_response(GatewayError("An unexpected error occurred"))
+
+    app.add_exception_handler(GatewayError, on_gateway_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)

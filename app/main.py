@@ -1,0 +1,102 @@
+"""The application factory: wires settings, database, upstream client and routes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+
+from app import __version__
+from app.config import Settings
+from app.db import make_engine, make_sessionmaker, schema_is_current
+from app.errors import install_error_handlers
+from app.logging import configure_logging
+from app.middleware import BodySizeLimit
+from app.predictions.router import router as predictions_router
+from app.predictions.service import PredictionService
+from app.state import GatewayState
+from app.tokens.service import load_instance_key
+from app.upstream.client import UpstreamClient
+
+API_PREFIXES = ("/replicate/v1", "/v1")
+
+
+class SchemaOutOfDate(RuntimeError):
+    """The database is not at the migration revision this code expects."""
+
+
+def _secret_values(settings: Settings) -> list[str]:
+    values = [settings.upstream_url]
+    for secret in (settings.upstream_token, settings.admin_token, settings.secret_key):
+        if secret is not None:
+            values.append(secret.get_secret_value())
+    host = httpx.URL(settings.upstream_url).host
+    if host and host not in ("api.replicate.com",):
+        values.append(host)
+    return values
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    upstream_transport: httpx.AsyncBaseTransport | None = None,
+) -> FastAPI:
+    """Build the gateway; `upstream_transport` lets the demo and tests supply the upstream."""
+    settings = settings or Settings()
+    configure_logging(settings.log_level, _secret_values(settings))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings.database_url)
+        upstream: UpstreamClient | None = None
+        try:
+            if not await schema_is_current(engine):
+                raise SchemaOutOfDate(
+                    "The database schema is not current; run `replicate-gateway migrate` first"
+                )
+            sessions = make_sessionmaker(engine)
+            async with sessions() as session:
+                key = await load_instance_key(
+                    session, settings.secret_key.get_secret_value() if settings.secret_key else None
+                )
+            upstream = UpstreamClient(
+                name="default",
+                base_url=settings.upstream_url,
+                token=settings.upstream_token.get_secret_value() if settings.upstream_token else None,
+                connect_timeout=settings.connect_timeout,
+                request_timeout=settings.request_timeout,
+                create_timeout=settings.create_timeout,
+                max_body_bytes=settings.max_upstream_body_bytes,
+                transport=upstream_transport,
+            )
+            app.state.gateway = GatewayState(
+                settings=settings,
+                engine=engine,
+                sessions=sessions,
+                upstream=upstream,
+                key=key,
+                predictions=PredictionService(
+                    sessions=sessions, upstream=upstream, prices=settings.prices
+                ),
+            )
+            yield
+        finally:
+            if upstream is not None:
+                await upstream.aclose()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="replicate-gateway",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
+    install_error_handlers(app)
+    for prefix in API_PREFIXES:
+        app.include_router(predictions_router, prefix=prefix)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,1 @@
+"""Predictions: create, read, list and cancel, recorded in the ledger."""

@@ -1,0 +1,64 @@
+"""The prediction ledger: one row per prediction, committed before the upstream is called."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.columns import UTCDateTime, utcnow
+from app.db import Base
+
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled", "aborted"})
+STATUSES = frozenset({"starting", "processing"}) | TERMINAL_STATUSES
+
+
+class Submission:
+    """Whether the upstream has the prediction: what the create call established."""
+
+    PENDING = "pending"  # row written, upstream not answered yet
+    ACCEPTED = "accepted"  # upstream created it; upstream_id is known
+    REJECTED = "rejected"  # upstream provably created nothing
+    UNKNOWN = "unknown"  # the create may have reached the upstream; outcome unknown
+
+
+class Prediction(Base):
+    """A prediction as the gateway knows it, with its upstream link and its cost."""
+
+    __tablename__ = "prediction"
+    __table_args__ = (
+        UniqueConstraint("upstream", "upstream_id"),
+        Index("ix_prediction_token_id_created_at_id", "token_id", "created_at", "id"),
+        Index("ix_prediction_created_at", "created_at"),
+        Index("ix_prediction_status", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(26), primary_key=True)
+    token_id: Mapped[str] = mapped_column(ForeignKey("api_token.id", ondelete="RESTRICT"))
+    upstream: Mapped[str] = mapped_column(String(64))
+    upstream_id: Mapped[str | None] = mapped_column(String(128), default=None)
+    submission: Mapped[str] = mapped_column(String(16), default=Submission.PENDING)
+    model: Mapped[str] = mapped_column(String(255))
+    version: Mapped[str | None] = mapped_column(String(255), default=None)
+    deployment: Mapped[str | None] = mapped_column(String(255), default=None)
+    status: Mapped[str] = mapped_column(String(16), default="starting")
+    input: Mapped[dict[str, Any]] = mapped_column(JSON)
+    output: Mapped[Any] = mapped_column(JSON, nullable=True, default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    logs: Mapped[str | None] = mapped_column(Text, default=None)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    upstream_extra: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    streamable: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    cost_micros: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    cost_note: Mapped[str | None] = mapped_column(String(255), default=None)
+
+    @property
+    def is_terminal(self) -> bool:
+        """Whether the prediction has reached a final status."""
+        return self.status in TERMINAL_STATUSES

@@ -1,0 +1,70 @@
+"""Pure functions: a ledger row to the Replicate prediction object clients receive."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from datetime import datetime
+from typing import Any
+
+from app.predictions.models import Prediction
+
+# Python rejects "aborted" and npm polls forever on it (wire spec §6.4).
+_CLIENT_STATUS = {"aborted": "canceled"}
+
+
+def rfc3339(moment: datetime | None) -> str | None:
+    """RFC 3339 in UTC with exactly six fractional digits, as Replicate sends."""
+    if moment is None:
+        return None
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def stream_token(prediction_id: str, key: bytes) -> str:
+    """The unguessable capability part of a prediction's stream URL."""
+    return hmac.new(key, b"stream:" + prediction_id.encode(), hashlib.sha256).hexdigest()[:40]
+
+
+def prediction_urls(prediction: Prediction, public_base: str, key: bytes) -> dict[str, str]:
+    """Absolute gateway URLs for a prediction; `stream` only when it is streamable."""
+    api = f"{public_base}/v1/predictions/{prediction.id}"
+    urls = {"get": api, "cancel": api + "/cancel", "web": f"{public_base}/p/{prediction.id}"}
+    if prediction.streamable:
+        urls["stream"] = f"{public_base}/v1/streams/{prediction.id}.{stream_token(prediction.id, key)}"
+    return urls
+
+
+def client_status(status: str) -> str:
+    """The status as clients may see it."""
+    return _CLIENT_STATUS.get(status, status)
+
+
+def to_client(
+    prediction: Prediction,
+    public_base: str,
+    key: bytes,
+    *,
+    status_override: str | None = None,
+) -> dict[str, Any]:
+    """The Replicate prediction object for a row; never an upstream URL, id or extra."""
+    body: dict[str, Any] = {
+        "id": prediction.id,
+        "model": prediction.model,
+        "version": prediction.version or "hidden",
+        "input": prediction.input,
+        "logs": prediction.logs or "",
+        "output": prediction.output,
+        "data_removed": False,
+        "error": prediction.error,
+        "status": status_override or client_status(prediction.status),
+        "source": "api",
+        "created_at": rfc3339(prediction.created_at),
+        "started_at": rfc3339(prediction.started_at),
+        "completed_at": rfc3339(prediction.completed_at),
+        "urls": prediction_urls(prediction, public_base, key),
+    }
+    if prediction.metrics is not None:
+        body["metrics"] = prediction.metrics
+    if prediction.deployment:
+        body["deployment"] = prediction.deployment
+    return body

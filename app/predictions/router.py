@@ -1,0 +1,256 @@
+"""The Replicate HTTP API: predictions, account and the read-only model calls clients make."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from app.deps import CallerDep, PublicBaseDep, StateDep, require_caller
+from app.errors import (
+    BadRequest,
+    NotFound,
+    UnsupportedMediaType,
+    ValidationFailed,
+    invalid_fields_from,
+)
+from app.predictions import rewrite
+from app.predictions.headers import valid_cancel_after, wait_seconds
+from app.predictions.models import Prediction
+from app.predictions.service import CreateTarget, PredictionService
+from app.upstream.client import UpstreamFailure
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_PREDICTION_ID = re.compile(r"^[a-z0-9]{1,64}$")
+_VERSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+router = APIRouter(dependencies=[Depends(require_caller)])
+
+
+class PredictionCreate(BaseModel):
+    """A create body; unknown keys are accepted and not forwarded."""
+
+    model_config = ConfigDict(extra="allow")
+
+    input: dict[str, Any]
+    version: str | None = None
+    stream: bool | None = None
+
+
+def _json(content: Any, status_code: int = 200) -> Response:
+    return Response(orjson.dumps(content), status_code=status_code, media_type="application/json")
+
+
+def _service(state: StateDep) -> PredictionService:
+    service: PredictionService = state.predictions
+    return service
+
+
+def _segment(value: str, what: str) -> str:
+    if not _SEGMENT.match(value):
+        raise NotFound(f"The requested {what} could not be found")
+    return value
+
+
+def _prediction_id(value: str) -> str:
+    if not _PREDICTION_ID.match(value):
+        raise NotFound("The requested prediction could not be found")
+    return value
+
+
+async def _read_create(request: Request) -> PredictionCreate:
+    content_type = request.headers.get("content-type", "").lower()
+    if content_type.startswith("multipart/"):
+        raise UnsupportedMediaType("Send the prediction as a JSON body (Content-Type: application/json)")
+    raw = await request.body()
+    if not raw.strip():
+        raise ValidationFailed([{"type": "required", "field": "input", "description": "input is required"}])
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest("The request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ValidationFailed([{"type": "type", "field": "body", "description": "must be a JSON object"}])
+    try:
+        return PredictionCreate.model_validate(data)
+    except ValidationError as exc:
+        raise ValidationFailed(invalid_fields_from(exc.errors())) from None
+
+
+def _version_target(version: str) -> CreateTarget:
+    """`owner/name:id`, `owner/name` or a bare version id, as the create endpoint accepts them."""
+    ref, _, version_id = version.partition(":")
+    if "/" in ref:
+        owner, _, name = ref.partition("/")
+        if not (_SEGMENT.match(owner) and _SEGMENT.match(name)) or (version_id and not _VERSION_ID.match(version_id)):
+            raise ValidationFailed([{"type": "format", "field": "version", "description": "is not a valid version"}])
+        if not version_id:
+            return CreateTarget(f"v1/models/{owner}/{name}/predictions", model=f"{owner}/{name}")
+        return CreateTarget("v1/predictions", model=f"{owner}/{name}", version=version_id)
+    if version_id or not _VERSION_ID.match(ref):
+        raise ValidationFailed([{"type": "format", "field": "version", "description": "is not a valid version"}])
+    return CreateTarget("v1/predictions", model=None, version=ref)
+
+
+async def _create(
+    request: Request, state: StateDep, caller: CallerDep, public: str, target: CreateTarget,
+    body: PredictionCreate,
+) -> Response:
+    prefer_header = request.headers.get("prefer")
+    wait = wait_seconds(prefer_header)
+    cancel_after = request.headers.get("cancel-after")
+    if cancel_after is not None and not valid_cancel_after(cancel_after):
+        raise ValidationFailed([{"type": "format", "field": "Cancel-After",
+                                 "description": "must be a duration such as 30s, 5m or 1h30m"}])
+    forwarded: dict[str, Any] = {"input": body.input}
+    if target.upstream_path == "v1/predictions":
+        forwarded["version"] = target.version
+    if body.stream is not None:
+        forwarded["stream"] = body.stream
+    prediction = await _service(state).create(
+        token=caller.token, caller_secret=caller.secret, target=target, body=forwarded,
+        prefer=f"wait={wait}" if wait else None, wait=wait, cancel_after=cancel_after,
+    )
+    # Clients poll only after "starting"; any other unfinished status would end run() with no output.
+    status_override = "starting" if wait and not prediction.is_terminal else None
+    return _json(rewrite.to_client(prediction, public, state.key, status_override=status_override), 201)
+
+
+def _respond(prediction: Prediction, public: str, state: StateDep) -> Response:
+    return _json(rewrite.to_client(prediction, public, state.key))
+
+
+@router.post("/models/{owner}/{name}/predictions", status_code=201)
+async def create_model_prediction(
+    owner: str, name: str, request: Request, state: StateDep, caller: CallerDep, public: PublicBaseDep
+) -> Response:
+    """Create a prediction with an official model's latest version."""
+    owner, name = _segment(owner, "model"), _segment(name, "model")
+    target = CreateTarget(f"v1/models/{owner}/{name}/predictions", model=f"{owner}/{name}")
+    return await _create(request, state, caller, public, target, await _read_create(request))
+
+
+@router.post("/predictions", status_code=201)
+async def create_prediction(
+    request: Request, state: StateDep, caller: CallerDep, public: PublicBaseDep
+) -> Response:
+    """Create a prediction for a version (`id`, `owner/name` or `owner/name:id`)."""
+    body = await _read_create(request)
+    if not body.version:
+        raise ValidationFailed([{"type": "required", "field": "version", "description": "version is required"}])
+    return await _create(request, state, caller, public, _version_target(body.version), body)
+
+
+@router.post("/deployments/{owner}/{name}/predictions", status_code=201)
+async def create_deployment_prediction(
+    owner: str, name: str, request: Request, state: StateDep, caller: CallerDep, public: PublicBaseDep
+) -> Response:
+    """Create a prediction on a deployment; the token's model globs apply to its name."""
+    owner, name = _segment(owner, "deployment"), _segment(name, "deployment")
+    target = CreateTarget(
+        f"v1/deployments/{owner}/{name}/predictions", model=f"{owner}/{name}", deployment=f"{owner}/{name}"
+    )
+    return await _create(request, state, caller, public, target, await _read_create(request))
+
+
+@router.get("/predictions/{prediction_id}")
+async def get_prediction(
+    prediction_id: str, state: StateDep, caller: CallerDep, public: PublicBaseDep
+) -> Response:
+    """Get a prediction; a finished one is served from the ledger."""
+    prediction = await _service(state).get(caller.token, _prediction_id(prediction_id))
+    return _respond(prediction, public, state)
+
+
+@router.post("/predictions/{prediction_id}/cancel")
+async def cancel_prediction(
+    prediction_id: str, state: StateDep, caller: CallerDep, public: PublicBaseDep
+) -> Response:
+    """Cancel a prediction; a finished one is returned unchanged."""
+    prediction = await _service(state).cancel(caller.token, _prediction_id(prediction_id))
+    return _respond(prediction, public, state)
+
+
+@router.get("/predictions")
+async def list_predictions(
+    request: Request, state: StateDep, caller: CallerDep, public: PublicBaseDep
+) -> Response:
+    """List the caller's predictions, newest first, 100 a page."""
+    rows, next_cursor, previous_cursor = await _service(state).page(
+        caller.token, key=state.key, cursor_text=request.query_params.get("cursor")
+    )
+    base = f"{public}/v1/predictions?cursor="
+    return _json({
+        "previous": base + previous_cursor if previous_cursor else None,
+        "next": base + next_cursor if next_cursor else None,
+        "results": [rewrite.to_client(row, public, state.key) for row in rows],
+    })
+
+
+@router.get("/account")
+async def get_account(caller: CallerDep) -> Response:
+    """The caller's identity: the gateway token, never the upstream account."""
+    name = caller.token.name
+    return _json({"type": "organization", "username": name, "name": name, "github_url": None})
+
+
+def _rebase(value: Any, upstream_base: str, public: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _rebase(v, upstream_base, public) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rebase(v, upstream_base, public) for v in value]
+    if isinstance(value, str) and upstream_base in value:
+        return value.replace(upstream_base, public)
+    return value
+
+
+async def _forward_read(state: StateDep, public: str, path: str) -> Response:
+    try:
+        data = await state.upstream.get_json(path)
+    except UpstreamFailure as failure:
+        raise failure.error from None
+    return _json(_rebase(data, state.upstream.base_url, public))
+
+
+@router.get("/models/{owner}/{name}")
+async def get_model(owner: str, name: str, state: StateDep, public: PublicBaseDep) -> Response:
+    """A model, as the upstream describes it."""
+    owner, name = _segment(owner, "model"), _segment(name, "model")
+    return await _forward_read(state, public, f"v1/models/{owner}/{name}")
+
+
+@router.get("/models/{owner}/{name}/versions")
+async def list_model_versions(owner: str, name: str, state: StateDep, public: PublicBaseDep) -> Response:
+    """A model's versions, as the upstream lists them."""
+    owner, name = _segment(owner, "model"), _segment(name, "model")
+    return await _forward_read(state, public, f"v1/models/{owner}/{name}/versions")
+
+
+@router.get("/models/{owner}/{name}/versions/{version_id}")
+async def get_model_version(
+    owner: str, name: str, version_id: str, state: StateDep, public: PublicBaseDep
+) -> Response:
+    """A version; when the upstream cannot describe it, a minimal one the clients accept."""
+    owner, name = _segment(owner, "model"), _segment(name, "model")
+    if not _VERSION_ID.match(version_id):
+        raise NotFound("The requested version could not be found")
+    try:
+        data = await state.upstream.get_json(f"v1/models/{owner}/{name}/versions/{version_id}")
+    except UpstreamFailure:
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("cog_version"), str) \
+            or not isinstance(data.get("openapi_schema"), dict):
+        # Relays document no versions endpoint, and Python's run("o/n:id") raises unless this
+        # answers 200 with a cog_version and a schema (wire spec §13).
+        data = {
+            "id": version_id,
+            "created_at": rewrite.rfc3339(datetime.now(UTC)),
+            "cog_version": "0.9.0",
+            "openapi_schema": {},
+        }
+    return _json(_rebase(data, state.upstream.base_url, public))

@@ -1,0 +1,307 @@
+"""Create, read, list and cancel predictions: short transactions around one upstream call."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.accounting import pricing
+from app.columns import utcnow
+from app.config import PriceRule
+from app.errors import Forbidden, NotFound, UpstreamInvalid
+from app.predictions import cursor as cursors
+from app.predictions.models import TERMINAL_STATUSES, Prediction, Submission
+from app.tokens.models import ApiToken
+from app.tokens.service import may_use_model, new_id
+from app.upstream.client import UpstreamClient, UpstreamFailure
+from app.upstream.schemas import InvalidUpstreamPrediction, UpstreamPrediction, parse_prediction
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = 100
+UNKNOWN_MODEL = "unknown/unknown"
+_DATA_URI = re.compile(r"^data:([^;,]{0,100})(;[^,]{0,200})?,", re.IGNORECASE)
+# Which stored statuses a new upstream status may replace: never backwards, never out of terminal.
+_MAY_FOLLOW = {
+    "starting": ("starting",),
+    "processing": ("starting", "processing"),
+    **dict.fromkeys(TERMINAL_STATUSES, ("starting", "processing")),
+}
+
+
+@dataclass(frozen=True)
+class CreateTarget:
+    """Where a create goes upstream and what we know of it before the upstream answers."""
+
+    upstream_path: str
+    model: str | None
+    version: str | None = None
+    deployment: str | None = None
+
+
+def redact_secret(value: Any, caller_secret: str) -> Any:
+    """The input without the caller's own token, which one official client can put there."""
+    if isinstance(value, dict):
+        return {k: redact_secret(v, caller_secret) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_secret(v, caller_secret) for v in value]
+    if isinstance(value, str) and caller_secret and caller_secret in value:
+        return value.replace(caller_secret, "[redacted]")
+    return value
+
+
+def reduce_data_uris(value: Any) -> Any:
+    """The input as the ledger keeps it: each `data:` URI replaced by its type, digest and size."""
+    if isinstance(value, dict):
+        return {k: reduce_data_uris(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [reduce_data_uris(v) for v in value]
+    if isinstance(value, str):
+        match = _DATA_URI.match(value)
+        if match:
+            digest = hashlib.sha256(value.encode()).hexdigest()
+            return f"data:{match.group(1)};sha256={digest};bytes={len(value)},"
+    return value
+
+
+class PredictionService:
+    """The prediction operations, bound to one database and one upstream."""
+
+    def __init__(
+        self,
+        *,
+        sessions: async_sessionmaker[AsyncSession],
+        upstream: UpstreamClient,
+        prices: Sequence[PriceRule],
+    ) -> None:
+        self._sessions = sessions
+        self._upstream = upstream
+        self._prices = prices
+
+    async def create(
+        self,
+        *,
+        token: ApiToken,
+        caller_secret: str,
+        target: CreateTarget,
+        body: dict[str, Any],
+        prefer: str | None,
+        wait: int | None,
+        cancel_after: str | None,
+    ) -> Prediction:
+        """Record, then forward, then record the outcome; the row exists before any byte leaves."""
+        if target.model is not None and not may_use_model(token, target.model):
+            raise Forbidden(f"This token may not run {target.model}")
+        if target.model is None and token.model_globs:
+            raise Forbidden(
+                "This token is limited to some models; give the version as owner/name:version_id"
+            )
+        forwarded = {**body, "input": redact_secret(body["input"], caller_secret)}
+        prediction = Prediction(
+            id=new_id(),
+            token_id=token.id,
+            upstream=self._upstream.name,
+            submission=Submission.PENDING,
+            model=target.model or UNKNOWN_MODEL,
+            version=target.version,
+            deployment=target.deployment,
+            status="starting",
+            input=reduce_data_uris(forwarded["input"]),
+            created_at=utcnow(),
+            updated_at=utcnow(),
+        )
+        # Committed before the upstream call: a crash after sending leaves a row to reconcile.
+        async with self._sessions() as session:
+            session.add(prediction)
+            await session.commit()
+
+        try:
+            data = await self._upstream.create_prediction(
+                target.upstream_path, forwarded, prefer=prefer, cancel_after=cancel_after,
+                wait_seconds=wait,
+            )
+            reply = parse_prediction(data)
+        except UpstreamFailure as failure:
+            await self._record_failed_create(prediction, failure.error.detail, failure.maybe_sent)
+            raise failure.error from None
+        except InvalidUpstreamPrediction as exc:
+            log.warning("upstream.invalid_prediction", extra={"prediction_id": prediction.id, "reason": str(exc)})
+            await self._record_failed_create(prediction, "invalid upstream response", maybe_sent=True)
+            raise UpstreamInvalid() from None
+        return await self._record_accepted(prediction, reply)
+
+    async def _record_failed_create(self, prediction: Prediction, reason: str, maybe_sent: bool) -> None:
+        values: dict[str, Any] = {"updated_at": utcnow()}
+        if maybe_sent:
+            values["submission"] = Submission.UNKNOWN
+        else:
+            values.update(submission=Submission.REJECTED, status="failed", error=reason,
+                          completed_at=utcnow(), cost_micros=0)
+        async with self._sessions() as session:
+            await session.execute(
+                update(Prediction).where(Prediction.id == prediction.id).values(**values)
+            )
+            await session.commit()
+        log.info("prediction.create_failed", extra={
+            "prediction_id": prediction.id, "submission": values.get("submission")})
+
+    async def _record_accepted(self, prediction: Prediction, reply: UpstreamPrediction) -> Prediction:
+        async with self._sessions() as session:
+            try:
+                result = await session.execute(
+                    update(Prediction)
+                    .where(Prediction.id == prediction.id, Prediction.upstream_id.is_(None))
+                    .values(upstream_id=reply.id, submission=Submission.ACCEPTED)
+                )
+                await session.commit()
+            except IntegrityError:
+                # The upstream handed out an id we already hold for another prediction:
+                # never link two of our rows to one upstream prediction.
+                await session.rollback()
+                result = None
+            if result is None or result.rowcount != 1:  # type: ignore[attr-defined]
+                await session.execute(
+                    update(Prediction).where(Prediction.id == prediction.id)
+                    .values(submission=Submission.UNKNOWN, updated_at=utcnow())
+                )
+                await session.commit()
+                log.error("upstream.duplicate_id", extra={"prediction_id": prediction.id})
+                raise UpstreamInvalid()
+        log.info("prediction.created", extra={"prediction_id": prediction.id, "upstream": self._upstream.name})
+        return await self.apply_upstream_state(prediction.id, reply)
+
+    async def apply_upstream_state(self, prediction_id: str, reply: UpstreamPrediction) -> Prediction:
+        """Record what the upstream says, as a compare-and-set that never moves status backwards;
+        the cost is computed in the same statement that first makes the prediction terminal."""
+        values: dict[str, Any] = {
+            "status": reply.status,
+            "output": reply.output,
+            "logs": reply.logs,
+            "metrics": reply.metrics,
+            "updated_at": utcnow(),
+            "streamable": reply.streamable,
+        }
+        if reply.error is not None:
+            values["error"] = reply.error
+        if reply.started_at is not None:
+            values["started_at"] = reply.started_at
+        if reply.extra:
+            values["upstream_extra"] = {k: self._upstream.scrub(v) if isinstance(v, str) else v
+                                        for k, v in reply.extra.items()}
+        async with self._sessions() as session:
+            row = await session.get(Prediction, prediction_id)
+            if row is None:
+                raise NotFound("The requested prediction could not be found")
+            if reply.status in TERMINAL_STATUSES:
+                values["completed_at"] = reply.completed_at or utcnow()
+                cost = pricing.cost_of(
+                    pricing.find_rule(self._prices, reply.model or row.model),
+                    status=reply.status, output=reply.output, metrics=reply.metrics,
+                )
+                values.update(cost_micros=cost.micros, cost_note=cost.note)
+            if row.model == UNKNOWN_MODEL and reply.model:
+                values["model"] = reply.model
+            if row.version is None and reply.version:
+                values["version"] = reply.version
+            result = await session.execute(
+                update(Prediction)
+                .where(Prediction.id == prediction_id,
+                       Prediction.status.in_(_MAY_FOLLOW.get(reply.status, ())))
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+            await session.commit()
+            if result.rowcount == 1 and reply.status in TERMINAL_STATUSES:  # type: ignore[attr-defined]
+                log.info("prediction.finished", extra={
+                    "prediction_id": prediction_id, "status": reply.status,
+                    "cost_micros": values["cost_micros"]})
+            await session.refresh(row)
+            return row
+
+    async def owned(self, token: ApiToken, prediction_id: str) -> Prediction:
+        """The caller's prediction, or NotFound (the same answer for another token's)."""
+        async with self._sessions() as session:
+            row = await session.get(Prediction, prediction_id)
+        if row is None or row.token_id != token.id or row.submission == Submission.REJECTED:
+            raise NotFound("The requested prediction could not be found")
+        return row
+
+    async def get(self, token: ApiToken, prediction_id: str) -> Prediction:
+        """The caller's prediction, refreshed from the upstream unless it is already final."""
+        row = await self.owned(token, prediction_id)
+        if row.is_terminal or row.upstream_id is None:
+            return row
+        try:
+            reply = parse_prediction(await self._upstream.get_prediction(row.upstream_id))
+        except (UpstreamFailure, InvalidUpstreamPrediction) as exc:
+            # The last known state is still true; a relay blip must not break a client's poll.
+            log.warning("prediction.refresh_failed", extra={"prediction_id": row.id, "error": type(exc).__name__})
+            return row
+        if reply.id != row.upstream_id:
+            log.error("upstream.mismatched_id", extra={"prediction_id": row.id})
+            return row
+        return await self.apply_upstream_state(row.id, reply)
+
+    async def cancel(self, token: ApiToken, prediction_id: str) -> Prediction:
+        """Cancel upstream (never retried); a final prediction is returned as it is."""
+        row = await self.owned(token, prediction_id)
+        if row.is_terminal or row.upstream_id is None:
+            return row
+        try:
+            reply = parse_prediction(await self._upstream.cancel_prediction(row.upstream_id))
+        except UpstreamFailure as failure:
+            raise failure.error from None
+        except InvalidUpstreamPrediction:
+            raise UpstreamInvalid() from None
+        if reply.id != row.upstream_id:
+            raise UpstreamInvalid()
+        log.info("prediction.cancel_requested", extra={"prediction_id": row.id})
+        return await self.apply_upstream_state(row.id, reply)
+
+    async def page(
+        self, token: ApiToken, *, key: bytes, cursor_text: str | None
+    ) -> tuple[list[Prediction], str | None, str | None]:
+        """A newest-first page of the caller's predictions with `next` and `previous` cursors."""
+        position = cursors.decode(cursor_text, token.id, key) if cursor_text else None
+        query = select(Prediction).where(
+            Prediction.token_id == token.id, Prediction.submission != Submission.REJECTED
+        )
+        newest_first = (Prediction.created_at.desc(), Prediction.id.desc())
+        if position is None:
+            query = query.order_by(*newest_first)
+        elif position.backwards:
+            query = query.where(or_(
+                Prediction.created_at > position.created_at,
+                and_(Prediction.created_at == position.created_at, Prediction.id > position.id),
+            )).order_by(Prediction.created_at.asc(), Prediction.id.asc())
+        else:
+            query = query.where(or_(
+                Prediction.created_at < position.created_at,
+                and_(Prediction.created_at == position.created_at, Prediction.id < position.id),
+            )).order_by(*newest_first)
+        async with self._sessions() as session:
+            rows = list((await session.scalars(query.limit(PAGE_SIZE + 1))).all())
+        more = len(rows) > PAGE_SIZE
+        rows = rows[:PAGE_SIZE]
+        if position is not None and position.backwards:
+            rows.reverse()
+            has_newer, has_older = more, True
+        else:
+            has_newer, has_older = position is not None, more
+        if not rows:
+            return rows, None, None
+
+        def at(row: Prediction, backwards: bool) -> str:
+            return cursors.encode(cursors.Cursor(row.created_at, row.id, backwards), token.id, key)
+
+        next_cursor = at(rows[-1], False) if has_older else None
+        previous_cursor = at(rows[0], True) if has_newer else None
+        return rows, next_cursor, previous_cursor

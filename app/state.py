@@ -1,0 +1,26 @@
+"""What the running app shares between requests: settings, database and upstream."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from app.config import Settings
+
+if TYPE_CHECKING:
+    from app.predictions.service import PredictionService
+    from app.upstream.client import UpstreamClient
+
+
+@dataclass
+class GatewayState:
+    """Made once in the lifespan and reached through `request.app.state.gateway`."""
+
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    upstream: UpstreamClient
+    key: bytes
+    predictions: PredictionService

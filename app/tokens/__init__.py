@@ -1,0 +1,1 @@
+"""Gateway tokens: issue, hash, authenticate, revoke."""

@@ -1,0 +1,36 @@
+"""Tables for gateway tokens and the instance's hashing key."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import JSON, BigInteger, Integer, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.columns import UTCDateTime, utcnow
+from app.db import Base
+
+
+class ApiToken(Base):
+    """A gateway token; the secret itself is stored only as a keyed hash."""
+
+    __tablename__ = "api_token"
+
+    id: Mapped[str] = mapped_column(String(26), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    display_prefix: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    model_globs: Mapped[list[str] | None] = mapped_column(JSON, default=None)
+    budget_micros: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+
+
+class InstanceKey(Base):
+    """The key used for token hashes and signed URLs when GATEWAY_SECRET_KEY is not set."""
+
+    __tablename__ = "instance_key"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(128))

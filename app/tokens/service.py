@@ -1,0 +1,135 @@
+"""Issue, hash, authenticate and revoke gateway tokens."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from fnmatch import fnmatchcase
+
+from sqlalchemy import or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.columns import utcnow
+from app.errors import Unauthenticated
+from app.tokens.models import ApiToken, InstanceKey
+
+TOKEN_PREFIX = "gw_"  # noqa: S105  (a public prefix, not a secret)
+INSTANCE_KEY_ID = 1
+
+
+def new_id() -> str:
+    """A Replicate-shaped id: 26 lowercase base32 characters (130 random bits)."""
+    return base64.b32encode(secrets.token_bytes(17)).decode()[:26].lower()
+
+
+def new_secret_token() -> str:
+    """A fresh gateway token: a recognisable prefix and 32 random bytes."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_token(raw_token: str, key: bytes) -> str:
+    """The keyed hash under which a token is stored."""
+    return hmac.new(key, raw_token.encode(), hashlib.sha256).hexdigest()
+
+
+async def load_instance_key(session: AsyncSession, configured: str | None) -> bytes:
+    """The hashing and signing key: GATEWAY_SECRET_KEY, else one generated once per database."""
+    if configured:
+        return hashlib.sha256(configured.encode()).digest()
+    row = await session.get(InstanceKey, INSTANCE_KEY_ID)
+    if row is None:
+        try:
+            # A concurrent first start may insert the same row; the loser reads the winner's key.
+            async with session.begin_nested():
+                session.add(InstanceKey(id=INSTANCE_KEY_ID, key=secrets.token_urlsafe(48)))
+            await session.commit()
+        except IntegrityError:
+            await session.rollback()
+        row = await session.get(InstanceKey, INSTANCE_KEY_ID)
+        if row is None:
+            raise RuntimeError("the instance key could not be stored")
+    return hashlib.sha256(row.key.encode()).digest()
+
+
+class TokenNameTaken(ValueError):
+    """A token with that name already exists."""
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    """A newly created token; `secret` is shown once and never stored."""
+
+    row: ApiToken
+    secret: str
+
+
+async def create(
+    session: AsyncSession,
+    *,
+    key: bytes,
+    name: str,
+    model_globs: list[str] | None = None,
+    budget_micros: int | None = None,
+    expires_at: datetime | None = None,
+) -> IssuedToken:
+    """Create a token and return it with its one-time secret."""
+    secret = new_secret_token()
+    row = ApiToken(
+        id=new_id(),
+        name=name,
+        display_prefix=secret[: len(TOKEN_PREFIX) + 6],
+        token_hash=hash_token(secret, key),
+        model_globs=model_globs or None,
+        budget_micros=budget_micros,
+        expires_at=expires_at,
+        created_at=utcnow(),
+    )
+    session.add(row)
+    try:
+        await session.commit()
+    except IntegrityError as exc:
+        await session.rollback()
+        raise TokenNameTaken(name) from exc
+    return IssuedToken(row=row, secret=secret)
+
+
+async def list_all(session: AsyncSession) -> list[ApiToken]:
+    """Every token, oldest first."""
+    return list((await session.scalars(select(ApiToken).order_by(ApiToken.created_at))).all())
+
+
+async def find(session: AsyncSession, name_or_id: str) -> ApiToken | None:
+    """A token by its name or id."""
+    query = select(ApiToken).where(or_(ApiToken.name == name_or_id, ApiToken.id == name_or_id))
+    return (await session.scalars(query)).first()
+
+
+async def revoke(session: AsyncSession, token: ApiToken) -> None:
+    """Revoke a token; it stops working at once."""
+    if token.revoked_at is None:
+        token.revoked_at = utcnow()
+        await session.commit()
+
+
+async def authenticate(session: AsyncSession, raw_token: str, key: bytes) -> ApiToken:
+    """The live token for a presented secret, or Unauthenticated."""
+    digest = hash_token(raw_token, key)
+    token = (await session.scalars(select(ApiToken).where(ApiToken.token_hash == digest))).first()
+    if token is None or not hmac.compare_digest(token.token_hash, digest):
+        raise Unauthenticated()
+    if token.revoked_at is not None:
+        raise Unauthenticated("This token has been revoked")
+    if token.expires_at is not None and token.expires_at <= utcnow():
+        raise Unauthenticated("This token has expired")
+    return token
+
+
+def may_use_model(token: ApiToken, model: str) -> bool:
+    """Whether the token's model globs allow `owner/name`."""
+    globs = token.model_globs
+    return not globs or any(fnmatchcase(model, glob) for glob in globs)

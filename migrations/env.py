@@ -1,0 +1,54 @@
+"""Alembic environment: async engine, URL from the caller or from Settings."""
+
+from __future__ import annotations
+
+import asyncio
+
+from alembic import context
+from sqlalchemy.engine import Connection
+
+import app.predictions.models
+import app.tokens.models  # noqa: F401  (registers the tables on Base.metadata)
+from app.config import Settings
+from app.db import Base, make_engine
+
+target_metadata = Base.metadata
+
+
+def _database_url() -> str:
+    url = context.config.attributes.get("database_url")
+    return str(url) if url else Settings().async_database_url
+
+
+def _run(connection: Connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        compare_type=True,
+        render_as_batch=connection.dialect.name == "sqlite",
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def _run_online() -> None:
+    engine = make_engine(_database_url())
+    try:
+        async with engine.connect() as connection:
+            await connection.run_sync(_run)
+            await connection.commit()
+    finally:
+        await engine.dispose()
+
+
+def run_migrations_offline() -> None:
+    """Emit SQL to standard output instead of connecting."""
+    context.configure(url=_database_url(), target_metadata=target_metadata, literal_binds=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    asyncio.run(_run_online())

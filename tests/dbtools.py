@@ -1,0 +1,70 @@
+"""Test helpers that read and prepare the database directly."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from sqlalchemy import text
+
+from app.db import Base, make_engine, make_sessionmaker
+from app.tokens import service as token_service
+
+TABLES = [table.name for table in reversed(Base.metadata.sorted_tables)]
+
+
+def run(coro: Any) -> Any:
+    """Run a coroutine from a synchronous test."""
+    return asyncio.run(coro)
+
+
+async def _truncate(url: str) -> None:
+    engine = make_engine(url)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(text(f"TRUNCATE {', '.join(TABLES)} CASCADE"))
+    finally:
+        await engine.dispose()
+
+
+def truncate_all(url: str) -> None:
+    """Empty every table (PostgreSQL), keeping the migrated schema."""
+    run(_truncate(url))
+
+
+async def _rows(url: str, table: str) -> list[dict[str, Any]]:
+    engine = make_engine(url)
+    try:
+        async with engine.connect() as connection:
+            result = await connection.execute(text(f"SELECT * FROM {table}"))  # noqa: S608
+            return [dict(row._mapping) for row in result]
+    finally:
+        await engine.dispose()
+
+
+def rows(url: str, table: str) -> list[dict[str, Any]]:
+    """Every row of a table as dicts."""
+    result: list[dict[str, Any]] = run(_rows(url, table))
+    return result
+
+
+def dump_database(url: str) -> str:
+    """Every value of every table as one text, for secret scans."""
+    return "\n".join(repr(row) for table in TABLES for row in rows(url, table))
+
+
+async def _create_token(url: str, name: str, **kwargs: Any) -> str:
+    engine = make_engine(url)
+    try:
+        async with make_sessionmaker(engine)() as session:
+            key = await token_service.load_instance_key(session, None)
+            issued = await token_service.create(session, key=key, name=name, **kwargs)
+            return issued.secret
+    finally:
+        await engine.dispose()
+
+
+def create_token(url: str, name: str, **kwargs: Any) -> str:
+    """Create a gateway token directly in the database and return its secret."""
+    secret: str = run(_create_token(url, name, **kwargs))
+    return secret

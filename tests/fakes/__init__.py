@@ -1,0 +1,1 @@
+"""Test doubles: a fake relay served over real HTTP."""
