@@ -26,6 +26,15 @@ log = logging.getLogger(__name__)
 DEFAULT_RETRY_AFTER = 5
 MAX_RETRY_AFTER = 600
 _URL_PATTERN = re.compile(r"\b(?:https?|wss?)://[^\s\"'<>]+", re.IGNORECASE)
+_STATUS_TITLES = {400: "Bad Request", 402: "Payment Required", 404: "Not found", 409: "Conflict",
+                  413: "Request Entity Too Large", 422: "Input validation failed"}
+_STATUS_DETAILS = {
+    400: "The upstream service rejected the request as invalid",
+    402: "The upstream service refused to run the prediction: its account is out of credit",
+    404: "The model, version or prediction was not found upstream",
+    413: "The request is too large for the upstream service",
+    422: "The upstream service rejected the input",
+}
 _KEY_PATTERN = re.compile(r"\b(?:sk|r8|gw|whsec)[-_][A-Za-z0-9_\-]{6,}")
 
 
@@ -205,25 +214,25 @@ class UpstreamClient:
         return DEFAULT_RETRY_AFTER
 
     def _scrubbed_problem(self, body: bytes, status: int) -> tuple[str, str, dict[str, Any]]:
-        generic_title = "Upstream error"
+        # The upstream's own title and detail can name the relay, its account or its hosts
+        # (npm shows error bodies verbatim), so only structured field errors pass through.
+        title = _STATUS_TITLES.get(status, "Upstream error")
+        detail = _STATUS_DETAILS.get(status) or f"The upstream service refused the request (status {status})"
         if status >= 500:
-            return generic_title, f"The upstream service failed (status {status})", {}
+            return "Upstream error", f"The upstream service failed (status {status})", {}
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:
             data = None
-        if not isinstance(data, dict):
-            return generic_title, f"The upstream service refused the request (status {status})", {}
-        title = self.scrub(data.get("title")) or generic_title
-        detail = self.scrub(data.get("detail")) or f"The upstream service refused the request (status {status})"
-        extra: dict[str, Any] = {}
-        fields = data.get("invalid_fields")
-        if isinstance(fields, list):
-            extra["invalid_fields"] = [
-                {k: self.scrub(v) for k, v in f.items() if k in ("type", "field", "description")}
-                for f in fields[:50] if isinstance(f, dict)
-            ]
-        return title, detail, extra
+        fields = data.get("invalid_fields") if isinstance(data, dict) else None
+        if not isinstance(fields, list) or not fields:
+            return title, detail, {}
+        invalid_fields = [
+            {key: self.scrub(f.get(key)) for key in ("type", "field", "description")}
+            for f in fields[:50] if isinstance(f, dict)
+        ]
+        detail = "".join(f"- {f['field']}: {f['description']}\n" for f in invalid_fields)
+        return "Input validation failed", detail, {"invalid_fields": invalid_fields}
 
     def scrub(self, value: Any) -> str:
         """A short text with no URL, host, key or credential-looking value left in it."""

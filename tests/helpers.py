@@ -1,0 +1,48 @@
+"""Small helpers shared by the integration tests."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+import httpx
+
+TERMINAL = {"succeeded", "failed", "canceled"}
+
+
+def free_port() -> int:
+    """A loopback port with nothing listening on it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
+    """The response is a Replicate-style problem with this status; return its body."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status
+    assert isinstance(body["title"], str)
+    assert isinstance(body["detail"], str)
+    assert body["detail"]
+    return body
+
+
+def create(api: httpx.Client, model: str = "black-forest-labs/flux-schnell", **inputs: Any) -> httpx.Response:
+    """POST a model create with the given input."""
+    return api.post(f"/models/{model}/predictions", json={"input": {"prompt": "p", **inputs}})
+
+
+def wait_terminal(api: httpx.Client, prediction_id: str, timeout: float = 15) -> dict[str, Any]:
+    """Poll the gateway until the prediction is final."""
+    deadline = time.monotonic() + timeout
+    while True:
+        body: dict[str, Any] = api.get(f"/predictions/{prediction_id}").json()
+        if body["status"] in TERMINAL:
+            return body
+        if time.monotonic() > deadline:
+            raise AssertionError(f"prediction {prediction_id} still {body['status']}")
+        time.sleep(0.1)

@@ -1,0 +1,53 @@
+"""No upstream key, host or brand in any response or log line; no secret in the database."""
+
+from __future__ import annotations
+
+import httpx
+import replicate
+
+from tests.conftest import Gateway
+from tests.dbtools import dump_database
+from tests.fakes.relay import RELAY_BRAND, FakeRelay
+from tests.helpers import create, wait_terminal
+
+
+def test_no_secret_or_upstream_identity_leaks_anywhere(
+    gateway: Gateway, api: httpx.Client, token: str, relay: FakeRelay, log_lines: list[str]
+) -> None:
+    responses: list[httpx.Response] = []
+    relay.versions_supported = False
+
+    ok = create(api)
+    responses += [ok, api.get(f"/predictions/{ok.json()['id']}")]
+    wait_terminal(api, ok.json()["id"])
+    for kind, params in (("status", {"status": 422}), ("status", {"status": 500}), ("status", {"status": 401}),
+                         ("throttle", {}), ("non_json", {}), ("redirect", {}), ("reset", {})):
+        relay.fail_next(kind, **params)
+        responses.append(create(api, kind=kind))
+    relay.starting_seconds = 30
+    pending = create(api)
+    relay.fail_next("status", status=500)
+    responses += [pending, api.get(f"/predictions/{pending.json()['id']}")]
+    relay.fail_next("status", status=503)
+    responses.append(api.post(f"/predictions/{pending.json()['id']}/cancel"))
+    responses += [api.get("/predictions"), api.get("/account"), api.get("/models/a/b"),
+                  api.get("/models/a/b/versions/v1"), api.get(f"/predictions/{ok.json()['id']}")]
+    client = replicate.Client(api_token=token, base_url=gateway.replicate_base)
+    client.predictions.get(ok.json()["id"])
+
+    upstream_ids = [call.prediction_id for call in relay.creates() if call.prediction_id]
+    never_out = [relay.key, f"127.0.0.1:{relay.port}", RELAY_BRAND, "api.replicate.com",
+                 "stream.replicate.com", "replicate.com/p/", "relay_session", *upstream_ids]
+    for response in responses:
+        text = response.text + repr(dict(response.headers))
+        for secret in never_out:
+            assert secret not in text, (secret, response.request.url, text)
+
+    assert log_lines, "the gateway logged nothing"
+    logged = "\n".join(log_lines)
+    for secret in (relay.key, f"127.0.0.1:{relay.port}", RELAY_BRAND, token):
+        assert secret not in logged, secret
+
+    database = dump_database(gateway.db_url)
+    for secret in (relay.key, f"127.0.0.1:{relay.port}", token):
+        assert secret not in database, secret
