@@ -13,7 +13,8 @@ import httpx
 import orjson
 
 from app.accounting import usage as usage_report
-from app.accounting.pricing import to_micros, usd_text
+from app.accounting.pricing import to_micros
+from app.admin.router import token_view
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker, migrate, run_sync
 from app.tokens import service as token_service
@@ -98,19 +99,6 @@ async def _with_session(settings: Settings, work: Any) -> Any:
         await engine.dispose()
 
 
-def _token_view(token: Any) -> dict[str, Any]:
-    return {
-        "id": token.id,
-        "name": token.name,
-        "prefix": token.display_prefix,
-        "models": token.model_globs,
-        "budget_usd": usd_text(token.budget_micros) if token.budget_micros is not None else None,
-        "created_at": token.created_at.isoformat(),
-        "expires_at": token.expires_at.isoformat() if token.expires_at else None,
-        "revoked_at": token.revoked_at.isoformat() if token.revoked_at else None,
-    }
-
-
 def _tokens(settings: Settings, args: argparse.Namespace) -> int:
     secret = settings.secret_key.get_secret_value() if settings.secret_key else None
 
@@ -130,7 +118,7 @@ def _tokens(settings: Settings, args: argparse.Namespace) -> int:
         return 0
 
     async def listing(session: Any) -> int:
-        rows = [_token_view(t) for t in await token_service.list_all(session)]
+        rows = [token_view(t) for t in await token_service.list_all(session)]
         if args.json:
             _print(orjson.dumps(rows).decode())
             return 0

@@ -9,6 +9,7 @@ import httpx
 from fastapi import FastAPI
 
 from app import __version__
+from app.admin.router import router as admin_router
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker, schema_is_current
 from app.errors import install_error_handlers
@@ -98,5 +99,6 @@ def create_app(
     install_error_handlers(app)
     for prefix in API_PREFIXES:
         app.include_router(predictions_router, prefix=prefix)
+    app.include_router(admin_router, prefix="/admin/v1")
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

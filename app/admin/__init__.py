@@ -1,0 +1,1 @@
+"""The admin API, enabled by GATEWAY_ADMIN_TOKEN."""
