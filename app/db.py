@@ -19,7 +19,6 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import DeclarativeBase
-from sqlalchemy.pool import NullPool
 
 from app.config import to_async_url
 
@@ -44,7 +43,7 @@ def make_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
     """An async engine; on SQLite, WAL and write-locking transactions (BEGIN IMMEDIATE)."""
     url = to_async_url(database_url)
     if url.startswith("sqlite"):
-        engine = create_async_engine(url, poolclass=NullPool, **kwargs)
+        engine = create_async_engine(url, pool_size=5, max_overflow=10, **kwargs)
         _configure_sqlite(engine)
         return engine
     connect_args = {"server_settings": {"timezone": "UTC"}}
