@@ -32,12 +32,21 @@ class SecretScrubber(logging.Filter):
         text = _PATTERNS[1].sub("[redacted]", text)
         return _PATTERNS[2].sub(lambda m: f"{m.group(1)}[redacted]", text)
 
+    def _scrub_value(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.scrub(value)
+        if isinstance(value, dict):
+            return {k: self._scrub_value(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._scrub_value(v) for v in value]
+        return value
+
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg = self.scrub(record.getMessage())
         record.args = None
         for name, value in list(vars(record).items()):
-            if name not in _STANDARD_ATTRS and isinstance(value, str):
-                setattr(record, name, self.scrub(value))
+            if name not in _STANDARD_ATTRS:
+                setattr(record, name, self._scrub_value(value))
         if record.exc_info and record.exc_info[1] is not None:
             # Exception text can hold URLs with credentials (httpx puts the full URL in it).
             record.exc_text = self.scrub(logging.Formatter().formatException(record.exc_info))

@@ -19,7 +19,8 @@ def wait_seconds(prefer: str | None) -> int | None:
             if match.group(1) is None:
                 return MAX_WAIT_SECONDS
             # npm sends ceil(N) unclamped; Replicate accepts 1..60.
-            return min(MAX_WAIT_SECONDS, max(1, round(float(match.group(1)))))
+            # Rounded down: answering a little early is safe, a little late times the client out.
+            return min(MAX_WAIT_SECONDS, max(1, int(float(match.group(1)))))
     return None
 
 

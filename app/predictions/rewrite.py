@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from app.predictions.models import Prediction
@@ -17,7 +17,7 @@ def rfc3339(moment: datetime | None) -> str | None:
     """RFC 3339 in UTC with exactly six fractional digits, as Replicate sends."""
     if moment is None:
         return None
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def stream_token(prediction_id: str, key: bytes) -> str:

@@ -38,6 +38,17 @@ _STATUS_DETAILS = {
 _KEY_PATTERN = re.compile(r"\b(?:sk|r8|gw|whsec)[-_][A-Za-z0-9_\-]{6,}")
 
 
+def _segment(value: str) -> str:
+    """One percent-encoded path segment; "." and ".." too, which URL joining would resolve."""
+    encoded = quote(value, safe="")
+    return encoded.replace(".", "%2E") if encoded in (".", "..") else encoded
+
+
+def _is_seconds(value: str) -> bool:
+    """Whether a Retry-After value is plain ASCII digits (not an HTTP date, not "²")."""
+    return value.isascii() and value.isdigit()
+
+
 @dataclass(frozen=True)
 class UpstreamFailure(Exception):
     """An upstream call that failed; `error` is what the client sees."""
@@ -113,12 +124,12 @@ class UpstreamClient:
 
     async def get_prediction(self, upstream_id: str) -> dict[str, Any]:
         """GET one prediction by its upstream id."""
-        reply: dict[str, Any] = await self._call("GET", "v1/predictions/" + quote(upstream_id, safe=""))
+        reply: dict[str, Any] = await self._call("GET", "v1/predictions/" + _segment(upstream_id))
         return reply
 
     async def cancel_prediction(self, upstream_id: str) -> dict[str, Any]:
         """POST a cancel; never retried."""
-        path = "v1/predictions/" + quote(upstream_id, safe="") + "/cancel"
+        path = "v1/predictions/" + _segment(upstream_id) + "/cancel"
         reply: dict[str, Any] = await self._call("POST", path)
         return reply
 
@@ -202,14 +213,14 @@ class UpstreamClient:
             raise UpstreamFailure(UpstreamInvalid(), maybe_sent=True)
         title, detail, extra = self._scrubbed_problem(body, status)
         headers = {}
-        if status in (503, 504) and response.headers.get("retry-after", "").isdigit():
+        if status in (503, 504) and _is_seconds(response.headers.get("retry-after", "")):
             headers["Retry-After"] = str(self._retry_after(response))
         error = UpstreamStatus(status, title, detail, headers=headers, extra=extra)
         raise UpstreamFailure(error, maybe_sent=status >= 500)
 
     def _retry_after(self, response: httpx.Response) -> int:
         value = response.headers.get("retry-after", "").strip()
-        if value.isdigit():
+        if _is_seconds(value):
             return min(max(1, int(value)), MAX_RETRY_AFTER)
         return DEFAULT_RETRY_AFTER
 
@@ -231,6 +242,8 @@ class UpstreamClient:
             {key: self.scrub(f.get(key)) for key in ("type", "field", "description")}
             for f in fields[:50] if isinstance(f, dict)
         ]
+        if not invalid_fields:
+            return title, detail, {}
         detail = "".join(f"- {f['field']}: {f['description']}\n" for f in invalid_fields)
         return "Input validation failed", detail, {"invalid_fields": invalid_fields}
 
@@ -238,8 +251,9 @@ class UpstreamClient:
         """A short text with no URL, host, key or credential-looking value left in it."""
         if not isinstance(value, str):
             return ""
-        text = _URL_PATTERN.sub("[url]", value[:2000])
+        # Scrub before shortening, so no secret is cut in two and half of it kept.
+        text = _URL_PATTERN.sub("[url]", value[:20000])
         text = _KEY_PATTERN.sub("[redacted]", text)
         for secret in self._secrets:
             text = re.sub(re.escape(secret), "[upstream]", text, flags=re.IGNORECASE)
-        return text
+        return text[:2000]

@@ -17,7 +17,7 @@ _KNOWN_FIELDS = frozenset({
     "data_removed", "created_at", "started_at", "completed_at", "urls", "metrics", "deployment",
     "webhook", "webhook_events_filter", "webhook_completed", "deadline",
 })
-_UPSTREAM_ID = re.compile(r"^[A-Za-z0-9_\-.:]{1,128}$")
+_UPSTREAM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-.:]{0,127}")
 _FRACTION = re.compile(r"\.(\d+)")
 
 
@@ -67,10 +67,10 @@ def parse_prediction(data: Any) -> UpstreamPrediction:
     if not isinstance(data, dict):
         raise InvalidUpstreamPrediction("not an object")
     upstream_id = data.get("id")
-    if not isinstance(upstream_id, str) or not _UPSTREAM_ID.match(upstream_id):
+    if not isinstance(upstream_id, str) or not _UPSTREAM_ID.fullmatch(upstream_id):
         raise InvalidUpstreamPrediction("missing or malformed id")
     status = data.get("status")
-    if status not in STATUSES:
+    if not isinstance(status, str) or status not in STATUSES:
         raise InvalidUpstreamPrediction("unknown status")
     metrics = data.get("metrics")
     urls = data.get("urls")
