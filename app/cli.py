@@ -41,6 +41,22 @@ def _usd(value: str) -> int:
     return to_micros(amount)
 
 
+CLEAR = "none"
+
+
+def _count(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"not a positive whole number: {value}")
+    return int(value)
+
+
+def _or_clear(parse: Any) -> Any:
+    """A parser that also takes `none`, meaning "remove this limit"."""
+    def parse_or_clear(value: str) -> Any:
+        return CLEAR if value.lower() == CLEAR else parse(value)
+    return parse_or_clear
+
+
 def _timestamp(value: str) -> datetime:
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -73,9 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
     create = token_commands.add_parser("create", help="create a token (the secret is shown once)")
     create.add_argument("name")
     create.add_argument("--budget", type=_usd, metavar="USD")
+    create.add_argument("--budget-period", choices=("total", "month"), default="total")
+    create.add_argument("--rpm", type=_count, metavar="N", help="predictions it may create a minute")
+    create.add_argument("--max-in-flight", type=_count, metavar="N", help="predictions running at once")
     create.add_argument("--models", nargs="+", metavar="GLOB", help="owner/name globs it may run")
     create.add_argument("--expires-at", type=_timestamp, metavar="ISO")
     create.add_argument("--json", action="store_true")
+    change = token_commands.add_parser("update", help="change a token's limits (`none` removes one)")
+    change.add_argument("name_or_id")
+    change.add_argument("--budget", type=_or_clear(_usd), metavar="USD|none")
+    change.add_argument("--budget-period", choices=("total", "month"))
+    change.add_argument("--rpm", type=_or_clear(_count), metavar="N|none")
+    change.add_argument("--max-in-flight", type=_or_clear(_count), metavar="N|none")
+    models = change.add_mutually_exclusive_group()
+    models.add_argument("--models", nargs="+", metavar="GLOB")
+    models.add_argument("--all-models", action="store_true", help="remove the model limit")
+    change.add_argument("--expires-at", type=_or_clear(_timestamp), metavar="ISO|none")
+    change.add_argument("--json", action="store_true")
     listing = token_commands.add_parser("list", help="list tokens")
     listing.add_argument("--json", action="store_true")
     revoke = token_commands.add_parser("revoke", help="revoke a token by name or id")
@@ -108,6 +138,8 @@ def _tokens(settings: Settings, args: argparse.Namespace) -> int:
             issued = await token_service.create(
                 session, key=key, name=args.name, model_globs=args.models,
                 budget_micros=args.budget, expires_at=args.expires_at,
+                budget_period="month" if args.budget_period == "month" else None,
+                rpm_limit=args.rpm, max_in_flight=args.max_in_flight,
             )
         except token_service.TokenNameTaken:
             return _fail(f"a token named {args.name!r} already exists")
@@ -136,7 +168,28 @@ def _tokens(settings: Settings, args: argparse.Namespace) -> int:
         _print(f"Revoked token {token.name} ({token.id}).")
         return 0
 
-    work = {"create": create, "list": listing, "revoke": revoke}[args.tokens_command]
+    async def change(session: Any) -> int:
+        token = await token_service.find(session, args.name_or_id)
+        if token is None:
+            return _fail(f"no token named {args.name_or_id!r}")
+        changes: dict[str, Any] = {}
+        for option, column in (("budget", "budget_micros"), ("rpm", "rpm_limit"),
+                               ("max_in_flight", "max_in_flight"), ("expires_at", "expires_at")):
+            value = getattr(args, option)
+            if value is not None:
+                changes[column] = None if value == CLEAR else value
+        if args.budget_period is not None:
+            changes["budget_period"] = "month" if args.budget_period == "month" else None
+        if args.models:
+            changes["model_globs"] = args.models
+        elif args.all_models:
+            changes["model_globs"] = None
+        token = await token_service.update_limits(session, token, changes)
+        view = token_view(token)
+        _print(orjson.dumps(view).decode() if args.json else f"Updated token {token.name} ({token.id}).")
+        return 0
+
+    work = {"create": create, "list": listing, "revoke": revoke, "update": change}[args.tokens_command]
     result: int = run_sync(_with_session(settings, work))
     return result
 

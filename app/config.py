@@ -25,10 +25,12 @@ class PriceRule(BaseModel):
     per_second: Decimal | None = None
     per_input_token: Decimal | None = None
     per_output_token: Decimal | None = None
+    estimate: Decimal | None = None  # reserved at admission; default: the fixed parts
+    bill_failures: bool = False  # charge failed and canceled predictions too
 
     @field_validator(
         "per_prediction", "per_output", "per_second", "per_input_token", "per_output_token",
-        mode="before",
+        "estimate", mode="before",
     )
     @classmethod
     def _exact_decimal(cls, value: Any) -> Any:
@@ -65,6 +67,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1024 * 1024, gt=0)
     max_upstream_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     log_level: str = "INFO"
+    default_estimate: Decimal = Field(default=Decimal(0), ge=0)  # USD held for unpriced models
+    reconcile_interval: float = Field(default=2.0, gt=0)
+    poll_backoff_max: float = Field(default=30.0, gt=0)
+    max_prediction_seconds: float = Field(default=1800.0, gt=0)
 
     prices: list[PriceRule] = Field(default_factory=list)
 

@@ -7,6 +7,7 @@
     ├── Forbidden (403)
     ├── NotFound (404)
     ├── MethodNotAllowed (405)
+    ├── Conflict (409)
     ├── PayloadTooLarge (413)
     ├── UnsupportedMediaType (415)
     ├── ValidationFailed (422, with invalid_fields)
@@ -83,6 +84,10 @@ class NotFound(GatewayError):
 
 class MethodNotAllowed(GatewayError):
     status, title = 405, "Method Not Allowed"
+
+
+class Conflict(GatewayError):
+    status, title = 409, "Conflict"
 
 
 class PayloadTooLarge(GatewayError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,6 +15,7 @@ from app.admin.router import router as admin_router
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker, schema_is_current
 from app.errors import install_error_handlers
+from app.jobs.reconciler import Reconciler
 from app.logging import configure_logging
 from app.middleware import BodySizeLimit
 from app.predictions.router import router as predictions_router
@@ -22,6 +25,7 @@ from app.tokens.service import load_instance_key
 from app.upstream.client import UpstreamClient
 
 API_PREFIXES = ("/replicate/v1", "/v1")
+log = logging.getLogger(__name__)
 
 
 class SchemaOutOfDate(RuntimeError):
@@ -78,11 +82,22 @@ def create_app(
                 sessions=sessions,
                 upstream=upstream,
                 key=key,
-                predictions=PredictionService(
-                    sessions=sessions, upstream=upstream, prices=settings.prices
-                ),
+                predictions=PredictionService(sessions=sessions, upstream=upstream, settings=settings),
             )
-            yield
+            reconciler = Reconciler(
+                sessions=sessions, upstream=upstream, service=app.state.gateway.predictions,
+                settings=settings,
+            )
+            stop = asyncio.Event()
+            reconciling = asyncio.create_task(reconciler.run_until(stop), name="reconciler")
+            try:
+                yield
+            finally:
+                stop.set()
+                try:
+                    await asyncio.wait_for(reconciling, timeout=settings.request_timeout + 5)
+                except TimeoutError:
+                    log.error("reconciler.stop_timed_out")
         finally:
             if upstream is not None:
                 await upstream.aclose()

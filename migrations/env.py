@@ -7,6 +7,7 @@ import asyncio
 from alembic import context
 from sqlalchemy.engine import Connection
 
+import app.accounting.models
 import app.predictions.models
 import app.tokens.models  # noqa: F401  (registers the tables on Base.metadata)
 from app.config import Settings

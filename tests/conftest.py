@@ -20,6 +20,7 @@ from app.logging import JsonFormatter
 from app.main import create_app
 from tests.dbtools import create_token, truncate_all
 from tests.fakes.relay import FakeRelay
+from tests.invariants import check_all
 from tests.servers import ServerThread
 
 POSTGRES_URL = os.environ.get("GATEWAY_TEST_DATABASE_URL")
@@ -31,6 +32,10 @@ TEST_PRICES = [
     PriceRule(model="llm/*", per_input_token=Decimal("0.000001"), per_output_token=Decimal("0.000002")),
     PriceRule(model="black-forest-labs/*", per_prediction=Decimal("0.003"), per_second=Decimal("0.0012")),
     PriceRule(model="*/multi", per_output=Decimal("0.01")),
+    # Estimated exactly, and estimated at half the real cost, for the budget tests.
+    PriceRule(model="budget/*", per_prediction=Decimal("0.01")),
+    PriceRule(model="underestimated/*", per_prediction=Decimal("0.01"), estimate=Decimal("0.005")),
+    PriceRule(model="billfailures/*", per_prediction=Decimal("0.02"), bill_failures=True),
 ]
 
 
@@ -130,6 +135,8 @@ def gateway_factory(db_url: str, relay: FakeRelay) -> Iterator[Any]:
     yield start
     for server in started:
         server.stop()
+    if started:
+        check_all(db_url, relay)
 
 
 @pytest.fixture

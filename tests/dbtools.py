@@ -68,3 +68,17 @@ def create_token(url: str, name: str, **kwargs: Any) -> str:
     """Create a gateway token directly in the database and return its secret."""
     secret: str = run(_create_token(url, name, **kwargs))
     return secret
+
+
+async def _execute(url: str, statement: str) -> None:
+    engine = make_engine(url)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(text(statement))
+    finally:
+        await engine.dispose()
+
+
+def execute(url: str, statement: str) -> None:
+    """Run one SQL statement, for tests that set up a state the API cannot reach."""
+    run(_execute(url, statement))

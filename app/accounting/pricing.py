@@ -59,6 +59,15 @@ def usd_text(micros: int) -> str:
     return f"{sign}{whole}.{frac:06d}"
 
 
+def estimate_of(rule: PriceRule | None, default: Decimal) -> int:
+    """Micro-dollars to reserve: the rule's `estimate`, else its fixed parts (one output)."""
+    if rule is None:
+        return to_micros(default)
+    if rule.estimate is not None:
+        return to_micros(rule.estimate)
+    return to_micros((rule.per_prediction or Decimal(0)) + (rule.per_output or Decimal(0)))
+
+
 def cost_of(
     rule: PriceRule | None,
     *,
@@ -67,7 +76,7 @@ def cost_of(
     metrics: dict[str, Any] | None,
 ) -> Cost:
     """What a prediction that ended in `status` costs under `rule`."""
-    if status not in BILLED_STATUSES:
+    if status not in BILLED_STATUSES and not (rule is not None and rule.bill_failures):
         return Cost(0)
     if rule is None:
         return Cost(0, "no price matched this model")

@@ -5,17 +5,22 @@ from __future__ import annotations
 import hmac
 from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.accounting import service as accounting
 from app.accounting import usage as usage_report
 from app.accounting.pricing import to_micros, usd_text
-from app.deps import StateDep, presented_secret
-from app.errors import BadRequest, Forbidden, NotFound, Unauthenticated
+from app.columns import utcnow
+from app.deps import StateDep, presented_secret, public_base
+from app.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthenticated
+from app.predictions import rewrite
+from app.predictions import search as prediction_search
 from app.tokens import service as token_service
 from app.tokens.models import ApiToken
 
@@ -35,14 +40,19 @@ async def require_admin(request: Request, state: StateDep) -> None:
 router = APIRouter(dependencies=[Depends(require_admin)])
 
 
-class TokenCreate(BaseModel):
-    """A token to create; `budget_usd` is an exact decimal string or number."""
+Glob = Annotated[str, Field(min_length=1, max_length=255)]
+
+
+class TokenLimits(BaseModel):
+    """Limits a token can carry; in an update, a key present with null removes that limit."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]*$")
-    models: list[Annotated[str, Field(min_length=1, max_length=255)]] | None = Field(default=None, max_length=100)
+    models: list[Glob] | None = Field(default=None, max_length=100)
     budget_usd: Decimal | None = None
+    budget_period: Literal["total", "month"] | None = None
+    rpm_limit: int | None = Field(default=None, ge=1)
+    max_in_flight: int | None = Field(default=None, ge=1)
     expires_at: datetime | None = None
 
     @field_validator("budget_usd", mode="before")
@@ -65,6 +75,26 @@ class TokenCreate(BaseModel):
             raise ValueError("must include a time zone, e.g. 2027-01-01T00:00:00Z")
         return value
 
+    def columns(self) -> dict[str, Any]:
+        """The token columns for the fields that were given."""
+        mapping = {"models": "model_globs", "budget_usd": "budget_micros", "budget_period": "budget_period",
+                   "rpm_limit": "rpm_limit", "max_in_flight": "max_in_flight", "expires_at": "expires_at"}
+        values: dict[str, Any] = {}
+        for field in self.model_fields_set:
+            value = getattr(self, field)
+            if field == "budget_usd" and value is not None:
+                value = to_micros(value)
+            elif field == "budget_period":
+                value = "month" if value == "month" else None
+            values[mapping[field]] = value
+        return values
+
+
+class TokenCreate(TokenLimits):
+    """A token to create; `budget_usd` is an exact decimal string or number."""
+
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]*$")
+
 
 def _json(content: Any, status_code: int = 200) -> Response:
     return Response(orjson.dumps(content), status_code=status_code, media_type="application/json")
@@ -77,7 +107,7 @@ def token_view(token: ApiToken) -> dict[str, Any]:
         "name": token.name,
         "prefix": token.display_prefix,
         "models": token.model_globs,
-        "budget_usd": usd_text(token.budget_micros) if token.budget_micros is not None else None,
+        **accounting.budget_view(token, utcnow()),
         "created_at": token.created_at.isoformat(),
         "expires_at": token.expires_at.isoformat() if token.expires_at else None,
         "revoked_at": token.revoked_at.isoformat() if token.revoked_at else None,
@@ -85,22 +115,57 @@ def token_view(token: ApiToken) -> dict[str, Any]:
 
 
 @router.get("/tokens")
-async def list_tokens(state: StateDep) -> Response:
-    """Every token, without secrets or hashes."""
+async def list_tokens(state: StateDep, search: Annotated[str | None, Query(max_length=100)] = None) -> Response:
+    """Every token, or those whose name contains `search`, without secrets or hashes."""
     async with state.sessions() as session:
-        tokens = await token_service.list_all(session)
+        tokens = await token_service.list_all(session, search)
     return _json({"results": [token_view(t) for t in tokens]})
+
+
+async def _token(session: AsyncSession, name_or_id: str) -> ApiToken:
+    token = await token_service.find(session, name_or_id)
+    if token is None:
+        raise NotFound("No such token")
+    return token
+
+
+@router.get("/tokens/{name_or_id}")
+async def get_token(name_or_id: str, state: StateDep) -> Response:
+    """One token with its budget, spent, reserved and remaining."""
+    async with state.sessions() as session:
+        return _json(token_view(await _token(session, name_or_id)))
+
+
+@router.patch("/tokens/{name_or_id}")
+async def update_token(name_or_id: str, body: TokenLimits, state: StateDep) -> Response:
+    """Change a token's limits; a key given as null removes that limit."""
+    async with state.sessions() as session:
+        token = await token_service.update_limits(session, await _token(session, name_or_id), body.columns())
+    return _json(token_view(token))
+
+
+@router.delete("/tokens/{name_or_id}", status_code=204)
+async def delete_token(name_or_id: str, state: StateDep) -> Response:
+    """Delete a token that never made a prediction; one with a ledger must be revoked instead."""
+    async with state.sessions() as session:
+        try:
+            await token_service.delete(session, await _token(session, name_or_id))
+        except token_service.TokenInUse:
+            raise Conflict("This token has predictions in the ledger; revoke it instead") from None
+    return Response(status_code=204)
 
 
 @router.post("/tokens", status_code=201)
 async def create_token(body: TokenCreate, state: StateDep) -> Response:
     """Create a token; the response is the only place its secret ever appears."""
     async with state.sessions() as session:
+        limits = body.columns()
         try:
             issued = await token_service.create(
-                session, key=state.key, name=body.name, model_globs=body.models,
-                budget_micros=to_micros(body.budget_usd) if body.budget_usd is not None else None,
-                expires_at=body.expires_at,
+                session, key=state.key, name=body.name, model_globs=limits.get("model_globs"),
+                budget_micros=limits.get("budget_micros"), expires_at=body.expires_at,
+                budget_period=limits.get("budget_period"), rpm_limit=body.rpm_limit,
+                max_in_flight=body.max_in_flight,
             )
         except token_service.TokenNameTaken:
             raise BadRequest(f"A token named {body.name} already exists") from None
@@ -137,3 +202,37 @@ async def get_usage(
     if report_format == "csv":
         return Response(usage_report.as_csv(result), media_type="text/csv")
     return _json(result)
+
+
+@router.get("/predictions")
+async def list_predictions(
+    request: Request,
+    state: StateDep,
+    token: Annotated[str | None, Query(max_length=100)] = None,
+    model: Annotated[str | None, Query(max_length=255)] = None,
+    status: Annotated[str | None, Query(max_length=16)] = None,
+    since: date | None = None,
+    until: date | None = None,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> Response:
+    """Every token's predictions, newest first, 100 a page, filtered by token (name or id),
+    model (owner/name), status and day range; with each one's cost and ledger state."""
+    async with state.sessions() as session:
+        owner = await _token(session, token) if token else None
+        rows, next_cursor = await prediction_search.search(
+            session, key=state.key, token_id=owner.id if owner else None, model=model, status=status,
+            since=since, until=until, cursor_text=cursor,
+        )
+        names = await prediction_search.token_names(session, {row.token_id for row in rows})
+    public = public_base(request, state)
+    results = [
+        {**rewrite.to_client(row, public, state.key), "token": names.get(row.token_id),
+         "submission": row.submission, "cost_usd": usd_text(row.cost_micros or 0),
+         "estimate_usd": usd_text(row.estimate_micros), "cost_note": row.cost_note}
+        for row in rows
+    ]
+    next_url = None
+    if next_cursor:
+        query = {k: v for k, v in request.query_params.items() if k != "cursor"}
+        next_url = str(request.url.replace_query_params(**query, cursor=next_cursor))
+    return _json({"next": next_url, "results": results})

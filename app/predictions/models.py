@@ -5,7 +5,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.columns import UTCDateTime, utcnow
@@ -30,6 +40,8 @@ class Prediction(Base):
     __tablename__ = "prediction"
     __table_args__ = (
         UniqueConstraint("upstream", "upstream_id"),
+        UniqueConstraint("token_id", "idempotency_key"),
+        Index("ix_prediction_next_poll_at", "next_poll_at"),
         Index("ix_prediction_token_id_created_at_id", "token_id", "created_at", "id"),
         Index("ix_prediction_created_at", "created_at"),
         Index("ix_prediction_status", "status"),
@@ -57,6 +69,16 @@ class Prediction(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     cost_micros: Mapped[int | None] = mapped_column(BigInteger, default=None)
     cost_note: Mapped[str | None] = mapped_column(String(255), default=None)
+    estimate_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    bill_failures: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    # After this moment a create with no upstream answer is in doubt, not in flight.
+    submit_deadline: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    # Reconciler schedule and lease; NULL next_poll_at means nothing left to do.
+    next_poll_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    poll_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)
+    request_hash: Mapped[str | None] = mapped_column(String(64), default=None)
 
     @property
     def is_terminal(self) -> bool:

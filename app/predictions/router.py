@@ -11,6 +11,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from app.accounting import service as accounting
+from app.columns import utcnow
 from app.deps import CallerDep, PublicBaseDep, StateDep, require_caller
 from app.errors import (
     BadRequest,
@@ -28,6 +30,7 @@ from app.upstream.client import UpstreamFailure
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _PREDICTION_ID = re.compile(r"^[a-z0-9]{1,64}$")
 _VERSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}\Z")
 
 router = APIRouter(dependencies=[Depends(require_caller)])
 
@@ -112,13 +115,21 @@ async def _create(
         forwarded["version"] = target.version
     if body.stream is not None:
         forwarded["stream"] = body.stream
-    prediction = await _service(state).create(
+    idempotency_key = request.headers.get("idempotency-key")
+    if idempotency_key is not None and not _IDEMPOTENCY_KEY.match(idempotency_key):
+        raise ValidationFailed([{"type": "format", "field": "Idempotency-Key",
+                                 "description": "must be 1 to 255 printable ASCII characters"}])
+    prediction, replayed = await _service(state).create(
         token=caller.token, caller_secret=caller.secret, target=target, body=forwarded,
         prefer=f"wait={wait}" if wait else None, wait=wait, cancel_after=cancel_after,
+        idempotency_key=idempotency_key,
     )
     # Clients poll only after "starting"; any other unfinished status would end run() with no output.
     status_override = "starting" if wait and not prediction.is_terminal else None
-    return _json(rewrite.to_client(prediction, public, state.key, status_override=status_override), 201)
+    response = _json(rewrite.to_client(prediction, public, state.key, status_override=status_override), 201)
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
 
 
 def _respond(prediction: Prediction, public: str, state: StateDep) -> Response:
@@ -194,9 +205,12 @@ async def list_predictions(
 
 @router.get("/account")
 async def get_account(caller: CallerDep) -> Response:
-    """The caller's identity: the gateway token, never the upstream account."""
-    name = caller.token.name
-    return _json({"type": "organization", "username": name, "name": name, "github_url": None})
+    """The caller's identity (the gateway token, never the upstream account) and its budget."""
+    token = caller.token
+    return _json({
+        "type": "organization", "username": token.name, "name": token.name, "github_url": None,
+        **accounting.budget_view(token, utcnow()),
+    })
 
 
 def _rebase(value: Any, upstream_base: str, public: str) -> Any:

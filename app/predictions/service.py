@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
+import orjson
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.accounting import pricing
+from app.accounting import service as accounting
 from app.columns import utcnow
-from app.config import PriceRule
-from app.errors import Forbidden, NotFound, UpstreamInvalid
+from app.config import Settings
+from app.errors import Conflict, Forbidden, NotFound, UpstreamInvalid, ValidationFailed
 from app.predictions import cursor as cursors
 from app.predictions.models import TERMINAL_STATUSES, Prediction, Submission
 from app.tokens.models import ApiToken
@@ -27,6 +30,8 @@ from app.upstream.schemas import InvalidUpstreamPrediction, UpstreamPrediction, 
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 100
+FIRST_POLL_SECONDS = 2.0
+IN_DOUBT_MARGIN_SECONDS = 5.0
 UNKNOWN_MODEL = "unknown/unknown"
 _DATA_URI = re.compile(r"^data:([^;,]{0,100})(;[^,]{0,200})?,", re.IGNORECASE)
 # Which stored statuses a new upstream status may replace: never backwards, never out of terminal.
@@ -80,11 +85,12 @@ class PredictionService:
         *,
         sessions: async_sessionmaker[AsyncSession],
         upstream: UpstreamClient,
-        prices: Sequence[PriceRule],
+        settings: Settings,
     ) -> None:
         self._sessions = sessions
         self._upstream = upstream
-        self._prices = prices
+        self._settings = settings
+        self._prices = settings.prices
 
     async def create(
         self,
@@ -96,8 +102,10 @@ class PredictionService:
         prefer: str | None,
         wait: int | None,
         cancel_after: str | None,
-    ) -> Prediction:
-        """Record, then forward, then record the outcome; the row exists before any byte leaves."""
+        idempotency_key: str | None = None,
+    ) -> tuple[Prediction, bool]:
+        """Admit, record, forward, record the outcome; returns the prediction and whether it is
+        an idempotent replay. The row and its reservation exist before any byte leaves."""
         if target.model is not None and not may_use_model(token, target.model):
             raise Forbidden(f"This token may not run {target.model}")
         if target.model is None and token.model_globs:
@@ -105,6 +113,18 @@ class PredictionService:
                 "This token is limited to some models; give the version as owner/name:version_id"
             )
         forwarded = {**body, "input": redact_secret(body["input"], caller_secret)}
+        request_hash = None
+        if idempotency_key is not None:
+            request_hash = hashlib.sha256(orjson.dumps(
+                {"path": target.upstream_path, "body": forwarded}, option=orjson.OPT_SORT_KEYS
+            )).hexdigest()
+            replayed = await self._replay(token, idempotency_key, request_hash)
+            if replayed is not None:
+                return replayed, True
+        rule = pricing.find_rule(self._prices, target.model) if target.model else None
+        now = utcnow()
+        in_doubt_after = (self._settings.connect_timeout + self._settings.create_timeout
+                          + (wait or 0) + IN_DOUBT_MARGIN_SECONDS)
         prediction = Prediction(
             id=new_id(),
             token_id=token.id,
@@ -115,13 +135,33 @@ class PredictionService:
             deployment=target.deployment,
             status="starting",
             input=reduce_data_uris(forwarded["input"]),
-            created_at=utcnow(),
-            updated_at=utcnow(),
+            created_at=now,
+            updated_at=now,
+            estimate_micros=pricing.estimate_of(rule, self._settings.default_estimate),
+            bill_failures=rule.bill_failures if rule is not None else False,
+            submit_deadline=now + timedelta(seconds=in_doubt_after),
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
         )
-        # Committed before the upstream call: a crash after sending leaves a row to reconcile.
-        async with self._sessions() as session:
-            session.add(prediction)
-            await session.commit()
+        # Admission, the row and its reservation commit together, before the upstream call:
+        # a crash after sending leaves a row for the reconciler, never an unrecorded prediction.
+        try:
+            async with self._sessions() as session:
+                await accounting.admit(
+                    session, token_id=token.id, estimate_micros=prediction.estimate_micros, now=now
+                )
+                session.add(prediction)
+                await session.flush()
+                await accounting.reserve(session, prediction_id=prediction.id, token_id=token.id,
+                                         estimate_micros=prediction.estimate_micros)
+                await session.commit()
+        except IntegrityError:
+            if idempotency_key is None or request_hash is None:
+                raise
+            replayed = await self._replay(token, idempotency_key, request_hash)
+            if replayed is None:
+                raise Conflict("A request with this Idempotency-Key is in progress") from None
+            return replayed, True
 
         try:
             data = await self._upstream.create_prediction(
@@ -136,57 +176,100 @@ class PredictionService:
             log.warning("upstream.invalid_prediction", extra={"prediction_id": prediction.id, "reason": str(exc)})
             await self._record_failed_create(prediction, "invalid upstream response", maybe_sent=True)
             raise UpstreamInvalid() from None
-        return await self._record_accepted(prediction, reply)
+        return await self._record_accepted(prediction, reply), False
+
+    async def _replay(self, token: ApiToken, key: str, request_hash: str) -> Prediction | None:
+        async with self._sessions() as session:
+            row = (await session.scalars(select(Prediction).where(
+                Prediction.token_id == token.id, Prediction.idempotency_key == key
+            ))).first()
+        if row is None:
+            return None
+        if not hmac.compare_digest(row.request_hash or "", request_hash):
+            raise ValidationFailed([{
+                "type": "idempotency", "field": "Idempotency-Key",
+                "description": "was already used with a different request",
+            }])
+        if row.submission == Submission.PENDING:
+            raise Conflict("A request with this Idempotency-Key is in progress")
+        return await self.get(token, row.id)
 
     async def _record_failed_create(self, prediction: Prediction, reason: str, maybe_sent: bool) -> None:
-        values: dict[str, Any] = {"updated_at": utcnow()}
         if maybe_sent:
-            values["submission"] = Submission.UNKNOWN
+            # In doubt: the reservation stays until the reconciler resolves it.
+            async with self._sessions() as session:
+                await session.execute(
+                    update(Prediction)
+                    .where(Prediction.id == prediction.id, Prediction.submission == Submission.PENDING)
+                    .values(submission=Submission.UNKNOWN, updated_at=utcnow())
+                )
+                await session.commit()
         else:
-            values.update(submission=Submission.REJECTED, status="failed", error=reason,
-                          completed_at=utcnow(), cost_micros=0)
-        async with self._sessions() as session:
-            await session.execute(
-                update(Prediction).where(Prediction.id == prediction.id).values(**values)
-            )
-            await session.commit()
+            now = utcnow()
+            async with self._sessions() as session:
+                result = await session.execute(
+                    update(Prediction)
+                    .where(Prediction.id == prediction.id, Prediction.submission == Submission.PENDING)
+                    .values(submission=Submission.REJECTED, status="failed", error=reason,
+                            completed_at=now, updated_at=now, cost_micros=0,
+                            idempotency_key=None, next_poll_at=None)
+                )
+                if result.rowcount == 1:  # type: ignore[attr-defined]
+                    await accounting.close(
+                        session, prediction_id=prediction.id, token_id=prediction.token_id,
+                        estimate_micros=prediction.estimate_micros,
+                        outcome=accounting.Outcome(charged=False, amount_micros=0), now=now,
+                    )
+                await session.commit()
         log.info("prediction.create_failed", extra={
-            "prediction_id": prediction.id, "submission": values.get("submission")})
+            "prediction_id": prediction.id, "maybe_sent": maybe_sent})
 
     async def _record_accepted(self, prediction: Prediction, reply: UpstreamPrediction) -> Prediction:
+        now = utcnow()
         async with self._sessions() as session:
             try:
                 result = await session.execute(
                     update(Prediction)
-                    .where(Prediction.id == prediction.id, Prediction.upstream_id.is_(None))
-                    .values(upstream_id=reply.id, submission=Submission.ACCEPTED)
+                    .where(Prediction.id == prediction.id, Prediction.submission == Submission.PENDING,
+                           Prediction.upstream_id.is_(None))
+                    .values(upstream_id=reply.id, submission=Submission.ACCEPTED, updated_at=now,
+                            next_poll_at=now + timedelta(seconds=FIRST_POLL_SECONDS))
                 )
                 await session.commit()
+                linked = result.rowcount == 1  # type: ignore[attr-defined]
             except IntegrityError:
                 # The upstream handed out an id we already hold for another prediction:
                 # never link two of our rows to one upstream prediction.
                 await session.rollback()
-                result = None
-            if result is None or result.rowcount != 1:  # type: ignore[attr-defined]
-                await session.execute(
-                    update(Prediction).where(Prediction.id == prediction.id)
-                    .values(submission=Submission.UNKNOWN, updated_at=utcnow())
-                )
-                await session.commit()
-                log.error("upstream.duplicate_id", extra={"prediction_id": prediction.id})
-                raise UpstreamInvalid()
+                linked = False
+        if not linked:
+            log.error("upstream.unlinkable_create", extra={"prediction_id": prediction.id})
+            await self._record_failed_create(prediction, "invalid upstream response", maybe_sent=True)
+            raise UpstreamInvalid()
         log.info("prediction.created", extra={"prediction_id": prediction.id, "upstream": self._upstream.name})
         return await self.apply_upstream_state(prediction.id, reply)
 
+    def _outcome(self, row: Prediction, reply: UpstreamPrediction) -> accounting.Outcome:
+        billable = reply.status == "succeeded" or row.bill_failures
+        if not billable:
+            return accounting.Outcome(charged=False, amount_micros=0)
+        rule = pricing.find_rule(self._prices, reply.model or row.model)
+        cost = pricing.cost_of(rule, status=reply.status, output=reply.output, metrics=reply.metrics)
+        if cost.note is not None:
+            # Unknown cost is charged at the estimate and flagged, never silently at zero.
+            return accounting.Outcome(True, row.estimate_micros, f"charged at the estimate: {cost.note}")
+        return accounting.Outcome(True, cost.micros)
+
     async def apply_upstream_state(self, prediction_id: str, reply: UpstreamPrediction) -> Prediction:
         """Record what the upstream says, as a compare-and-set that never moves status backwards;
-        the cost is computed in the same statement that first makes the prediction terminal."""
+        a first final status is settled or released in the same transaction."""
+        now = utcnow()
         values: dict[str, Any] = {
             "status": reply.status,
             "output": reply.output,
             "logs": reply.logs,
             "metrics": reply.metrics,
-            "updated_at": utcnow(),
+            "updated_at": now,
             "streamable": reply.streamable,
         }
         if reply.error is not None:
@@ -196,17 +279,16 @@ class PredictionService:
         if reply.extra:
             values["upstream_extra"] = {k: self._upstream.scrub(v) if isinstance(v, str) else v
                                         for k, v in reply.extra.items()}
+        terminal = reply.status in TERMINAL_STATUSES
         async with self._sessions() as session:
             row = await session.get(Prediction, prediction_id)
             if row is None:
                 raise NotFound("The requested prediction could not be found")
-            if reply.status in TERMINAL_STATUSES:
-                values["completed_at"] = reply.completed_at or utcnow()
-                cost = pricing.cost_of(
-                    pricing.find_rule(self._prices, reply.model or row.model),
-                    status=reply.status, output=reply.output, metrics=reply.metrics,
-                )
-                values.update(cost_micros=cost.micros, cost_note=cost.note)
+            outcome = self._outcome(row, reply) if terminal else None
+            if outcome is not None:
+                values.update(completed_at=reply.completed_at or now, next_poll_at=None, lease_until=None,
+                              cost_micros=outcome.amount_micros if outcome.charged else 0,
+                              cost_note=outcome.note)
             if row.model == UNKNOWN_MODEL and reply.model:
                 values["model"] = reply.model
             if row.version is None and reply.version:
@@ -218,13 +300,52 @@ class PredictionService:
                 .values(**values)
                 .execution_options(synchronize_session=False)
             )
-            await session.commit()
-            if result.rowcount == 1 and reply.status in TERMINAL_STATUSES:  # type: ignore[attr-defined]
+            if result.rowcount == 1 and outcome is not None:  # type: ignore[attr-defined]
+                await accounting.close(
+                    session, prediction_id=prediction_id, token_id=row.token_id,
+                    estimate_micros=row.estimate_micros, outcome=outcome, now=now,
+                )
                 log.info("prediction.finished", extra={
                     "prediction_id": prediction_id, "status": reply.status,
-                    "cost_micros": values["cost_micros"]})
+                    "charged_micros": outcome.amount_micros if outcome.charged else 0})
+            await session.commit()
             await session.refresh(row)
             return row
+
+    async def force_finish(
+        self, prediction_id: str, *, status: str, reason: str, only_unlinked: bool = False
+    ) -> bool:
+        """End a prediction the upstream cannot account for: final `status`, charged at the
+        estimate and flagged with `reason`. False when it was already final (or linked)."""
+        now = utcnow()
+        condition = [Prediction.id == prediction_id, Prediction.status.in_(("starting", "processing"))]
+        if only_unlinked:
+            condition += [Prediction.upstream_id.is_(None),
+                          Prediction.submission.in_((Submission.PENDING, Submission.UNKNOWN))]
+        async with self._sessions() as session:
+            row = await session.get(Prediction, prediction_id)
+            if row is None:
+                return False
+            result = await session.execute(
+                update(Prediction).where(*condition).values(
+                    status=status, error=reason, completed_at=now, updated_at=now,
+                    submission=Submission.UNKNOWN if row.upstream_id is None else row.submission,
+                    cost_micros=row.estimate_micros, cost_note=f"charged at the estimate: {reason}",
+                    next_poll_at=None, lease_until=None,
+                ).execution_options(synchronize_session=False)
+            )
+            finished: bool = result.rowcount == 1  # type: ignore[attr-defined]
+            if finished:
+                await accounting.close(
+                    session, prediction_id=prediction_id, token_id=row.token_id,
+                    estimate_micros=row.estimate_micros,
+                    outcome=accounting.Outcome(True, row.estimate_micros, f"charged at the estimate: {reason}"),
+                    now=now,
+                )
+            await session.commit()
+        if finished:
+            log.warning("prediction.force_finished", extra={"prediction_id": prediction_id, "status": status})
+        return finished
 
     async def owned(self, token: ApiToken, prediction_id: str) -> Prediction:
         """The caller's prediction, or NotFound (the same answer for another token's)."""

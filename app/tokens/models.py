@@ -22,6 +22,16 @@ class ApiToken(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     model_globs: Mapped[list[str] | None] = mapped_column(JSON, default=None)
     budget_micros: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    budget_period: Mapped[str | None] = mapped_column(String(8), default=None)  # None or "month"
+    rpm_limit: Mapped[int | None] = mapped_column(Integer, default=None)
+    max_in_flight: Mapped[int | None] = mapped_column(Integer, default=None)
+    # Counters kept in step with the ledger by the same guarded updates that write it.
+    spent_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    reserved_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    in_flight: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    budget_window: Mapped[str | None] = mapped_column(String(7), default=None)  # "2026-11"
+    rate_window: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # epoch minute
+    rate_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)

@@ -9,13 +9,15 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from fnmatch import fnmatchcase
+from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.columns import utcnow
 from app.errors import Unauthenticated
+from app.predictions.models import Prediction
 from app.tokens.models import ApiToken, InstanceKey
 
 TOKEN_PREFIX = "gw_"  # noqa: S105  (a public prefix, not a secret)
@@ -76,6 +78,9 @@ async def create(
     model_globs: list[str] | None = None,
     budget_micros: int | None = None,
     expires_at: datetime | None = None,
+    budget_period: str | None = None,
+    rpm_limit: int | None = None,
+    max_in_flight: int | None = None,
 ) -> IssuedToken:
     """Create a token and return it with its one-time secret."""
     secret = new_secret_token()
@@ -86,6 +91,9 @@ async def create(
         token_hash=hash_token(secret, key),
         model_globs=model_globs or None,
         budget_micros=budget_micros,
+        budget_period=budget_period,
+        rpm_limit=rpm_limit,
+        max_in_flight=max_in_flight,
         expires_at=expires_at,
         created_at=utcnow(),
     )
@@ -98,9 +106,44 @@ async def create(
     return IssuedToken(row=row, secret=secret)
 
 
-async def list_all(session: AsyncSession) -> list[ApiToken]:
-    """Every token, oldest first."""
-    return list((await session.scalars(select(ApiToken).order_by(ApiToken.created_at))).all())
+UPDATABLE = frozenset({"budget_micros", "budget_period", "rpm_limit", "max_in_flight", "model_globs", "expires_at"})
+
+
+async def update_limits(session: AsyncSession, token: ApiToken, changes: dict[str, Any]) -> ApiToken:
+    """Change a token's limits; its counters are never rewritten, so concurrent admissions and
+    settlements are not clobbered."""
+    unknown = set(changes) - UPDATABLE
+    if unknown:
+        raise ValueError(f"cannot update {', '.join(sorted(unknown))}")
+    if changes:
+        await session.execute(update(ApiToken).where(ApiToken.id == token.id).values(**changes))
+        await session.commit()
+    refreshed = await session.get(ApiToken, token.id, populate_existing=True)
+    if refreshed is None:
+        raise LookupError(token.id)
+    return refreshed
+
+
+class TokenInUse(ValueError):
+    """The token has predictions in the ledger; revoke it instead of deleting it."""
+
+
+async def delete(session: AsyncSession, token: ApiToken) -> None:
+    """Delete a token that never made a prediction (the ledger is never rewritten)."""
+    used = await session.scalar(select(Prediction.id).where(Prediction.token_id == token.id).limit(1))
+    if used is not None:
+        raise TokenInUse(token.name)
+    await session.delete(token)
+    await session.commit()
+
+
+async def list_all(session: AsyncSession, search: str | None = None) -> list[ApiToken]:
+    """Every token, oldest first; `search` matches part of the name literally."""
+    query = select(ApiToken).order_by(ApiToken.created_at)
+    if search:
+        escaped = search[:100].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        query = query.where(ApiToken.name.like(f"%{escaped}%", escape="\\"))
+    return list((await session.scalars(query)).all())
 
 
 async def find(session: AsyncSession, name_or_id: str) -> ApiToken | None:

@@ -53,7 +53,7 @@ def test_usage_json_reports_the_exact_decimal_cost(gateway: Gateway, api: httpx.
     ]
     assert sum(r["cost_micros"] for r in rows(gateway.db_url, "prediction")) == 78018
     notes = {r["model"]: r["cost_note"] for r in rows(gateway.db_url, "prediction")}
-    assert notes["unpriced/model"] == "no price matched this model"
+    assert notes["unpriced/model"] == "charged at the estimate: no price matched this model"
 
     tomorrow = (datetime.now(UTC) + timedelta(days=1)).date().isoformat()
     later = orjson.loads(cli(gateway.db_url, "usage", "--since", tomorrow, "--format", "json").stdout)

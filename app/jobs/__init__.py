@@ -1,0 +1,1 @@
+"""Background jobs run in the gateway process."""

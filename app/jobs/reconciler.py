@@ -1,0 +1,215 @@
+"""The reconciler: finishes what clients abandon, so every prediction ends settled exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.columns import utcnow
+from app.config import Settings
+from app.errors import Throttled
+from app.predictions.models import Prediction, Submission
+from app.predictions.service import PredictionService
+from app.upstream.client import UpstreamClient, UpstreamFailure
+from app.upstream.schemas import InvalidUpstreamPrediction, parse_prediction
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 50
+CONCURRENCY = 8
+FORGOTTEN_AFTER_ATTEMPTS = 3
+IDEMPOTENCY_KEY_HOURS = 24
+KEY_SWEEP_EVERY = timedelta(minutes=10)
+IN_DOUBT_REASON = "The gateway could not confirm this prediction with the upstream"
+EXPIRED_REASON = "The prediction ran longer than the gateway's maximum lifetime"
+FORGOTTEN_REASON = "The upstream no longer knows this prediction"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A prediction leased to this reconciler until `lease_until`."""
+
+    id: str
+    upstream_id: str
+    created_at: datetime
+    poll_attempts: int
+    lease_until: datetime
+
+
+class Reconciler:
+    """Polls unfinished predictions on a back-off schedule; any number of instances may run it."""
+
+    def __init__(
+        self,
+        *,
+        sessions: async_sessionmaker[AsyncSession],
+        upstream: UpstreamClient,
+        service: PredictionService,
+        settings: Settings,
+    ) -> None:
+        self._sessions = sessions
+        self._upstream = upstream
+        self._service = service
+        self._settings = settings
+        self._lease = timedelta(seconds=settings.request_timeout + settings.connect_timeout + 5)
+        self._keys_expired_at: datetime | None = None
+
+    async def run_until(self, stop: asyncio.Event) -> None:
+        """Reconcile every interval until `stop` is set; a failed pass is logged and retried.
+
+        It stops between passes, never inside one: a pass cancelled mid-transaction could
+        leave a connection holding SQLite's write lock."""
+        while not stop.is_set():
+            try:
+                await self.run_once()
+            except Exception as exc:
+                log.error("reconciler.pass_failed", extra={"error": type(exc).__name__})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self._settings.reconcile_interval)
+
+    async def run_once(self) -> int:
+        """One pass: poll what is due, resolve creates in doubt, expire old idempotency keys."""
+        claims = await self._claim()
+        gate = asyncio.Semaphore(CONCURRENCY)
+
+        async def poll(claim: Claim) -> None:
+            async with gate:
+                await self._poll(claim)
+
+        await asyncio.gather(*(poll(claim) for claim in claims))
+        resolved = await self._resolve_in_doubt()
+        await self._expire_idempotency_keys()
+        return len(claims) + resolved
+
+    async def _now(self, session: AsyncSession) -> datetime:
+        # Leases are compared against one clock: the database's, when it has a real one.
+        if session.get_bind().dialect.name == "postgresql":
+            moment = await session.scalar(select(func.now()))
+            if isinstance(moment, datetime):
+                return moment
+        return utcnow()
+
+    def _backoff(self, attempts: int) -> timedelta:
+        return timedelta(seconds=min(self._settings.poll_backoff_max, 2.0 * 2 ** min(attempts, 10)))
+
+    async def _claim(self) -> list[Claim]:
+        async with self._sessions() as session:
+            now = await self._now(session)
+            query = (
+                select(Prediction.id, Prediction.upstream_id, Prediction.created_at, Prediction.poll_attempts)
+                .where(
+                    Prediction.status.in_(("starting", "processing")),
+                    Prediction.submission == Submission.ACCEPTED,
+                    Prediction.upstream_id.is_not(None),
+                    Prediction.next_poll_at <= now,
+                    or_(Prediction.lease_until.is_(None), Prediction.lease_until < now),
+                )
+                .order_by(Prediction.next_poll_at)
+                .limit(BATCH_SIZE)
+                .with_for_update(skip_locked=True)
+            )
+            rows = (await session.execute(query)).all()
+            claims = []
+            lease_until = now + self._lease
+            for row in rows:
+                await session.execute(
+                    update(Prediction).where(Prediction.id == row.id).values(
+                        lease_until=lease_until,
+                        next_poll_at=now + self._backoff(row.poll_attempts),
+                        poll_attempts=row.poll_attempts + 1,
+                    )
+                )
+                claims.append(Claim(row.id, row.upstream_id, row.created_at, row.poll_attempts + 1, lease_until))
+            await session.commit()
+            return claims
+
+    async def _poll(self, claim: Claim) -> None:
+        try:
+            await self._poll_once(claim)
+        finally:
+            await self._release(claim)
+
+    async def _poll_once(self, claim: Claim) -> None:
+        expired = utcnow() - claim.created_at > timedelta(seconds=self._settings.max_prediction_seconds)
+        try:
+            if expired:
+                data = await self._upstream.cancel_prediction(claim.upstream_id)
+            else:
+                data = await self._upstream.get_prediction(claim.upstream_id)
+            reply = parse_prediction(data)
+            if reply.id != claim.upstream_id:
+                raise InvalidUpstreamPrediction("mismatched id")
+        except UpstreamFailure as failure:
+            await self._after_failure(claim, failure, expired)
+            return
+        except InvalidUpstreamPrediction:
+            log.warning("reconciler.invalid_reply", extra={"prediction_id": claim.id})
+            if expired:
+                await self._service.force_finish(claim.id, status="failed", reason=EXPIRED_REASON)
+            return
+        row = await self._service.apply_upstream_state(claim.id, reply)
+        if expired and not row.is_terminal:
+            await self._service.force_finish(claim.id, status="canceled", reason=EXPIRED_REASON)
+
+    async def _after_failure(self, claim: Claim, failure: UpstreamFailure, expired: bool) -> None:
+        error = failure.error
+        if expired:
+            await self._service.force_finish(claim.id, status="failed", reason=EXPIRED_REASON)
+        elif error.status == 404 and claim.poll_attempts >= FORGOTTEN_AFTER_ATTEMPTS:
+            await self._service.force_finish(claim.id, status="failed", reason=FORGOTTEN_REASON)
+        elif isinstance(error, Throttled):
+            retry_after = int(error.headers.get("Retry-After", "5"))
+            async with self._sessions() as session:
+                await session.execute(update(Prediction).where(Prediction.id == claim.id).values(
+                    next_poll_at=utcnow() + timedelta(seconds=retry_after)))
+                await session.commit()
+        log.warning("reconciler.poll_failed", extra={"prediction_id": claim.id, "status": error.status})
+
+    async def _release(self, claim: Claim) -> None:
+        # Fenced: only our own lease is released, never one another instance took since.
+        async with self._sessions() as session:
+            await session.execute(
+                update(Prediction)
+                .where(Prediction.id == claim.id, Prediction.lease_until == claim.lease_until)
+                .values(lease_until=None)
+            )
+            await session.commit()
+
+    async def _resolve_in_doubt(self) -> int:
+        async with self._sessions() as session:
+            now = await self._now(session)
+            ids = list((await session.scalars(
+                select(Prediction.id).where(
+                    Prediction.status.in_(("starting", "processing")),
+                    Prediction.submission.in_((Submission.PENDING, Submission.UNKNOWN)),
+                    Prediction.upstream_id.is_(None),
+                    Prediction.submit_deadline < now,
+                ).limit(BATCH_SIZE)
+            )).all())
+        resolved = 0
+        for prediction_id in ids:
+            if await self._service.force_finish(
+                prediction_id, status="failed", reason=IN_DOUBT_REASON, only_unlinked=True
+            ):
+                resolved += 1
+        return resolved
+
+    async def _expire_idempotency_keys(self) -> None:
+        now = utcnow()
+        if self._keys_expired_at is not None and now - self._keys_expired_at < KEY_SWEEP_EVERY:
+            return
+        self._keys_expired_at = now
+        cutoff = now - timedelta(hours=IDEMPOTENCY_KEY_HOURS)
+        async with self._sessions() as session:
+            await session.execute(
+                update(Prediction)
+                .where(Prediction.idempotency_key.is_not(None), Prediction.created_at < cutoff)
+                .values(idempotency_key=None)
+            )
+            await session.commit()

@@ -1,0 +1,60 @@
+"""The published ledger invariants, checked against the database and the fake relay's log."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Any
+
+from tests.dbtools import rows
+from tests.fakes.relay import FakeRelay
+
+TERMINAL = {"succeeded", "failed", "canceled", "aborted"}
+
+
+def check_ledger(db_url: str, *, settled: bool = False) -> None:
+    """I1 and I2: at most one settlement or release per prediction (exactly one once final, and
+    for every prediction when `settled`), and each token's counters equal its ledger."""
+    predictions = {p["id"]: p for p in rows(db_url, "prediction")}
+    entries = rows(db_url, "ledger_entry")
+    tokens = {t["id"]: t for t in rows(db_url, "api_token")}
+    kinds: dict[str, Counter[str]] = defaultdict(Counter)
+    for entry in entries:
+        kinds[entry["prediction_id"]][entry["kind"]] += 1
+    for prediction_id, prediction in predictions.items():
+        counts = kinds[prediction_id]
+        closes = counts["settlement"] + counts["release"]
+        assert counts["reservation"] <= 1, (prediction_id, counts)
+        assert closes <= 1, (prediction_id, counts)
+        if prediction["status"] in TERMINAL:
+            assert closes == 1, f"final prediction {prediction_id} has {counts}"
+            settlement = [e for e in entries if e["prediction_id"] == prediction_id and e["kind"] == "settlement"]
+            charged = settlement[0]["amount_micros"] if settlement else 0
+            assert prediction["cost_micros"] == charged, (prediction_id, prediction["cost_micros"], charged)
+        elif settled:
+            raise AssertionError(f"prediction {prediction_id} is still {prediction['status']}")
+    for token_id, token in tokens.items():
+        mine = [e for e in entries if e["token_id"] == token_id]
+        closed = {e["prediction_id"] for e in mine if e["kind"] in ("settlement", "release")}
+        open_reservations = [e for e in mine if e["kind"] == "reservation" and e["prediction_id"] not in closed]
+        if token["budget_period"] is None:
+            assert token["spent_micros"] == sum(e["amount_micros"] for e in mine if e["kind"] == "settlement"), token
+        assert token["reserved_micros"] == sum(e["amount_micros"] for e in open_reservations), token
+        assert token["in_flight"] == len(open_reservations), token
+
+
+def check_one_to_one(db_url: str, relay: FakeRelay) -> None:
+    """I4: every upstream prediction maps to exactly one row, and every linked row to one."""
+    created = [call.prediction_id for call in relay.creates()]
+    linked = [p["upstream_id"] for p in rows(db_url, "prediction") if p["upstream_id"]]
+    assert len(linked) == len(set(linked)), "two rows share an upstream id"
+    assert set(linked) <= set(created), "a row links an upstream prediction the relay never made"
+    orphans = set(created) - set(linked)
+    in_doubt = [p for p in rows(db_url, "prediction") if p["upstream_id"] is None and p["submission"] == "unknown"]
+    assert len(orphans) <= len(in_doubt), f"upstream predictions with no row: {orphans}"
+
+
+def check_all(db_url: str, relay: FakeRelay | None = None, **kwargs: Any) -> None:
+    """Every invariant this test set can check."""
+    check_ledger(db_url, **kwargs)
+    if relay is not None:
+        check_one_to_one(db_url, relay)

@@ -1,0 +1,125 @@
+"""The reconciler settles what clients abandon, resolves creates in doubt, and survives kill -9."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Gateway
+from tests.dbtools import create_token, rows
+from tests.fakes.relay import FakeRelay
+from tests.helpers import assert_problem, create
+from tests.invariants import check_all, check_ledger
+from tests.processes import GatewayProcess
+
+TERMINAL = {"succeeded", "failed", "canceled"}
+
+
+def wait_until_all_final(db_url: str, timeout: float) -> float:
+    """Seconds until every prediction in the database is final."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if all(p["status"] in TERMINAL for p in rows(db_url, "prediction")):
+            return time.monotonic() - started
+        time.sleep(0.25)
+    pending = [(p["id"], p["status"], p["submission"]) for p in rows(db_url, "prediction") if p["status"] not in TERMINAL]
+    raise AssertionError(f"still unfinished after {timeout} s: {pending}")
+
+
+@pytest.fixture
+def quick_gateway(gateway_factory: Any) -> Gateway:
+    gw: Gateway = gateway_factory(reconcile_interval=0.1, poll_backoff_max=0.3)
+    return gw
+
+
+def test_predictions_nobody_polls_are_settled(quick_gateway: Gateway, relay: FakeRelay) -> None:
+    with quick_gateway.client(create_token(quick_gateway.db_url, "fire-and-forget")) as api:
+        ids = [create(api, "budget/model", i=i).json()["id"] for i in range(6)]
+    wait_until_all_final(quick_gateway.db_url, 20)
+    settled = {p["id"]: p for p in rows(quick_gateway.db_url, "prediction")}
+    assert {settled[i]["status"] for i in ids} == {"succeeded"}
+    assert {settled[i]["cost_micros"] for i in ids} == {10_000}
+    check_ledger(quick_gateway.db_url, settled=True)
+
+
+def test_a_create_in_doubt_is_failed_and_charged_at_the_estimate(
+    gateway_factory: Any, relay: FakeRelay
+) -> None:
+    gateway: Gateway = gateway_factory(reconcile_interval=0.1, connect_timeout=0.5, create_timeout=0.5)
+    with gateway.client(create_token(gateway.db_url, "doubt")) as api:
+        relay.fail_next("hang", seconds=2)
+        assert_problem(create(api, "budget/model"), 504)
+        wait_until_all_final(gateway.db_url, 15)
+        (row,) = rows(gateway.db_url, "prediction")
+        assert row["status"] == "failed"
+        assert row["cost_micros"] == 10_000
+        assert row["cost_note"].startswith("charged at the estimate")
+        listed = api.get("/predictions").json()["results"]
+        assert listed[0]["error"] == "The gateway could not confirm this prediction with the upstream"
+
+
+def test_a_prediction_the_upstream_forgot_is_ended(quick_gateway: Gateway, relay: FakeRelay) -> None:
+    relay.starting_seconds = 60
+    with quick_gateway.client(create_token(quick_gateway.db_url, "lost")) as api:
+        create(api, "budget/model")
+    relay.forget(relay.creates()[0].prediction_id or "")
+    wait_until_all_final(quick_gateway.db_url, 20)
+    (row,) = rows(quick_gateway.db_url, "prediction")
+    assert row["status"] == "failed"
+    assert row["error"] == "The upstream no longer knows this prediction"
+
+
+def test_a_prediction_past_its_lifetime_is_canceled_upstream(
+    gateway_factory: Any, relay: FakeRelay
+) -> None:
+    gateway: Gateway = gateway_factory(reconcile_interval=0.1, poll_backoff_max=0.3, max_prediction_seconds=2)
+    relay.starting_seconds = 60
+    with gateway.client(create_token(gateway.db_url, "slow")) as api:
+        prediction = create(api, "budget/model").json()
+    wait_until_all_final(gateway.db_url, 20)
+    assert any(call.path.endswith("/cancel") for call in relay.calls)
+    (row,) = rows(gateway.db_url, "prediction")
+    assert row["id"] == prediction["id"]
+    assert row["status"] == "canceled"
+    assert row["cost_micros"] == 0
+
+
+def test_kill_9_during_creates_then_restart_settles_everything_within_a_minute(
+    db_url: str, relay: FakeRelay, tmp_path: Path
+) -> None:
+    secret = create_token(db_url, "crashy", budget_micros=10_000_000)
+    relay.starting_seconds = 0.5
+    relay.processing_seconds = 0.5
+    relay.fail_next("hang", count=3, seconds=3, method="POST")
+    first = GatewayProcess(db_url=db_url, upstream_url=relay.upstream_url, upstream_token=relay.key,
+                           workdir=tmp_path).start()
+
+    def one(i: int) -> None:
+        try:
+            with httpx.Client(base_url=first.url, headers={"Authorization": f"Bearer {secret}"}, timeout=10) as api:
+                api.post("/models/budget/model/predictions", json={"input": {"i": i}})
+        except httpx.TransportError:
+            pass  # the gateway died under this request
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.6)
+    first.kill()
+    for thread in threads:
+        thread.join()
+    assert any(p["status"] not in TERMINAL for p in rows(db_url, "prediction")), "nothing was in flight"
+
+    second = GatewayProcess(db_url=db_url, upstream_url=relay.upstream_url, upstream_token=relay.key,
+                            workdir=tmp_path).start()
+    try:
+        elapsed = wait_until_all_final(db_url, 60)
+    finally:
+        second.stop()
+    assert elapsed < 60
+    check_all(db_url, relay, settled=True)

@@ -1,0 +1,67 @@
+"""Two gateway processes on one database behave as one: budget, rate limit and settlement."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.dbtools import create_token, rows
+from tests.fakes.relay import FakeRelay
+from tests.invariants import check_all
+from tests.jobs.test_reconciler import wait_until_all_final
+from tests.processes import GatewayProcess
+
+
+@pytest.fixture
+def pair(db_url: str, relay: FakeRelay, tmp_path: Path) -> Iterator[tuple[GatewayProcess, GatewayProcess]]:
+    gateways = [
+        GatewayProcess(db_url=db_url, upstream_url=relay.upstream_url, upstream_token=relay.key,
+                       workdir=tmp_path).start()
+        for _ in range(2)
+    ]
+    yield gateways[0], gateways[1]
+    for gateway in gateways:
+        gateway.stop()
+
+
+def spread(pair: tuple[GatewayProcess, GatewayProcess], secret: str, count: int) -> list[httpx.Response]:
+    """`count` creates released together, alternating between the two processes."""
+    start = threading.Barrier(count)
+    responses: list[httpx.Response] = []
+
+    def one(i: int) -> None:
+        with httpx.Client(base_url=pair[i % 2].url, headers={"Authorization": f"Bearer {secret}"},
+                          timeout=30) as api:
+            start.wait()
+            responses.append(api.post("/models/budget/model/predictions", json={"input": {"i": i}}))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return responses
+
+
+def test_budget_rate_and_settlement_hold_across_two_processes(
+    pair: tuple[GatewayProcess, GatewayProcess], db_url: str, relay: FakeRelay
+) -> None:
+    budgeted = create_token(db_url, "budgeted", budget_micros=50_000)
+    limited = create_token(db_url, "limited", rpm_limit=4)
+
+    assert Counter(r.status_code for r in spread(pair, budgeted, 24)) == {201: 5, 402: 19}
+    assert Counter(r.status_code for r in spread(pair, limited, 10)) == {201: 4, 429: 6}
+    assert len(relay.creates()) == 9
+
+    wait_until_all_final(db_url, 30)
+    tokens = {t["name"]: t for t in rows(db_url, "api_token")}
+    assert tokens["budgeted"]["spent_micros"] == 50_000
+    assert tokens["limited"]["spent_micros"] == 40_000
+    settlements = [e for e in rows(db_url, "ledger_entry") if e["kind"] == "settlement"]
+    assert len(settlements) == len({e["prediction_id"] for e in settlements}) == 9
+    check_all(db_url, relay, settled=True)
