@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -46,3 +48,23 @@ def wait_terminal(api: httpx.Client, prediction_id: str, timeout: float = 15) ->
         if time.monotonic() > deadline:
             raise AssertionError(f"prediction {prediction_id} still {body['status']}")
         time.sleep(0.1)
+
+
+def release_together(count: int, request: Callable[[int], httpx.Response]) -> list[httpx.Response]:
+    """Run `request(i)` for i in range(count) from as many threads, all released at once."""
+    start = threading.Barrier(count)
+    responses: list[httpx.Response] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        start.wait()
+        response = request(i)
+        with lock:
+            responses.append(response)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return responses

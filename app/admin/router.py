@@ -80,7 +80,7 @@ class TokenLimits(BaseModel):
         mapping = {"models": "model_globs", "budget_usd": "budget_micros", "budget_period": "budget_period",
                    "rpm_limit": "rpm_limit", "max_in_flight": "max_in_flight", "expires_at": "expires_at"}
         values: dict[str, Any] = {}
-        for field in self.model_fields_set:
+        for field in self.model_fields_set & mapping.keys():
             value = getattr(self, field)
             if field == "budget_usd" and value is not None:
                 value = to_micros(value)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from typing import Any
 
@@ -12,29 +11,18 @@ import pytest
 from tests.conftest import Gateway
 from tests.dbtools import create_token, execute, rows
 from tests.fakes.relay import FakeRelay
-from tests.helpers import assert_problem, create, wait_terminal
+from tests.helpers import assert_problem, create, release_together, wait_terminal
 from tests.invariants import check_ledger
 
 
 def burst(gateway: Gateway, secret: str, count: int, model: str = "budget/model") -> list[httpx.Response]:
     """`count` creates released together from as many threads."""
-    start = threading.Barrier(count)
-    responses: list[httpx.Response] = []
-    lock = threading.Lock()
 
-    def one(i: int) -> None:
+    def one(i: int) -> httpx.Response:
         with gateway.client(secret) as api:
-            start.wait()
-            response = create(api, model, i=i)
-        with lock:
-            responses.append(response)
+            return create(api, model, i=i)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return responses
+    return release_together(count, one)
 
 
 def token_row(gateway: Gateway, name: str) -> dict[str, Any]:

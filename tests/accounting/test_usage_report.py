@@ -5,13 +5,16 @@ from __future__ import annotations
 import csv
 import io
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 import orjson
 
 from tests.conftest import Gateway
 from tests.dbtools import create_token, rows
+from tests.fakes.relay import FakeRelay
 from tests.helpers import create, wait_terminal
+from tests.jobs.test_reconciler import wait_until_all_final
 from tests.tokens.test_auth import cli
 
 
@@ -73,3 +76,21 @@ def test_bad_usage_arguments_fail_cleanly(gateway: Gateway) -> None:
         result = cli(gateway.db_url, "usage", *args)
         assert result.returncode == 2
         assert "Traceback" not in result.stderr
+
+
+def test_settled_ledger_entries_add_up_to_the_usage_total(gateway_factory: Any, relay: FakeRelay) -> None:
+    gateway: Gateway = gateway_factory(reconcile_interval=0.1, connect_timeout=0.5, create_timeout=0.5)
+    secret = create_token(gateway.db_url, "mixed")
+    with gateway.client(secret) as api:
+        _run_all(api, [("black-forest-labs/flux-schnell", {})] * 3)
+        _run_all(api, [("underestimated/model", {}), ("billfailures/model", {"fail": True}),
+                       ("budget/model", {"fail": True}), ("llm/echo", {"text": "a b c d"})])
+        relay.fail_next("status", status=422)
+        create(api, "budget/model")  # refused upstream: released, not counted
+        relay.fail_next("hang", seconds=2)
+        create(api, "budget/model")  # in doubt: charged at the estimate by the reconciler
+    wait_until_all_final(gateway.db_url, 20)
+    settled = sum(e["amount_micros"] for e in rows(gateway.db_url, "ledger_entry") if e["kind"] == "settlement")
+    report = orjson.loads(cli(gateway.db_url, "usage", "--format", "json").stdout)
+    assert settled == 3 * 6000 + 10_000 + 20_000 + 0 + 12 + 10_000
+    assert report["total"]["cost_usd"] == f"0.{settled:06d}"

@@ -8,6 +8,8 @@ import httpx
 import pytest
 
 from tests.conftest import Gateway
+from tests.dbtools import create_token
+from tests.fakes.relay import FakeRelay
 from tests.helpers import assert_problem, create, wait_terminal
 
 ADMIN_SECRET = "admin-canary-5b1e0f3c9d"
@@ -67,3 +69,60 @@ def test_create_use_list_revoke_and_report(admin_gateway: Gateway) -> None:
             assert admin.post("/tokens/ci/revoke").json()["revoked_at"]
             assert_problem(api.get("/account"), 401)
         assert_problem(admin.post("/tokens/nobody/revoke"), 404)
+
+
+def test_update_search_delete_and_list_predictions(admin_gateway: Gateway, relay: FakeRelay) -> None:
+    with _admin(admin_gateway) as admin:
+        secret = admin.post("/tokens", json={"name": "ops_1"}).json()["token"]
+        admin.post("/tokens", json={"name": "ops-2"})
+        admin.post("/tokens", json={"name": "unused"})
+        changed = admin.patch("/tokens/ops_1", json={"budget_usd": "0.02", "rpm_limit": 10,
+                                                     "budget_period": "month", "max_in_flight": 3})
+        assert changed.status_code == 200, changed.text
+        assert changed.json()["budget_usd"] == "0.020000"
+        assert changed.json()["budget_period"] == "month"
+        assert changed.json()["rpm_limit"] == 10
+        cleared = admin.patch("/tokens/ops_1", json={"rpm_limit": None}).json()
+        assert cleared["rpm_limit"] is None
+        assert cleared["max_in_flight"] == 3
+        assert_problem(admin.patch("/tokens/ops_1", json={"rpm_limit": 0}), 422)
+
+        # "_" and "%" are literal in a search, never wildcards.
+        assert [t["name"] for t in admin.get("/tokens", params={"search": "ops_"}).json()["results"]] == ["ops_1"]
+        assert admin.get("/tokens", params={"search": "%"}).json()["results"] == []
+
+        with admin_gateway.client(secret) as api:
+            done = wait_terminal(api, create(api, "budget/model").json()["id"])
+            failed = wait_terminal(api, create(api, "budget/model", fail=True).json()["id"])
+            # The failure was released, so the budget still holds one more prediction.
+            last = wait_terminal(api, create(api, "budget/model").json()["id"])
+            assert_problem(create(api, "budget/model"), 402)
+        assert admin.get("/tokens/ops_1").json()["spent_usd"] == "0.020000"
+
+        listed = admin.get("/predictions", params={"token": "ops_1"}).json()
+        assert [p["id"] for p in listed["results"]] == [last["id"], failed["id"], done["id"]]
+        assert [p["cost_usd"] for p in listed["results"]] == ["0.010000", "0.000000", "0.010000"]
+        assert listed["results"][2]["token"] == "ops_1"
+        only_failed = admin.get("/predictions", params={"status": "failed"}).json()["results"]
+        assert [p["id"] for p in only_failed] == [failed["id"]]
+        assert admin.get("/predictions", params={"model": "other/model"}).json()["results"] == []
+        assert_problem(admin.get("/predictions", params={"status": "weird"}), 400)
+        assert_problem(admin.get("/predictions", params={"token": "nobody"}), 404)
+
+        assert_problem(admin.delete("/tokens/ops_1"), 409)
+        assert admin.delete("/tokens/unused").status_code == 204
+        assert_problem(admin.get("/tokens/unused"), 404)
+
+
+def test_admin_prediction_pages(admin_gateway: Gateway) -> None:
+    secret = create_token(admin_gateway.db_url, "many")
+    with admin_gateway.client(secret) as api:
+        for i in range(102):
+            create(api, i=i)
+    with _admin(admin_gateway) as admin:
+        first = admin.get("/predictions").json()
+        assert len(first["results"]) == 100
+        second = httpx.get(first["next"], headers=admin.headers).json()
+        assert len(second["results"]) == 2
+        assert second["next"] is None
+        assert not {p["id"] for p in first["results"]} & {p["id"] for p in second["results"]}

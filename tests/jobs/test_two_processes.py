@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 
 from tests.dbtools import create_token, rows
 from tests.fakes.relay import FakeRelay
+from tests.helpers import release_together
 from tests.invariants import check_all
 from tests.jobs.test_reconciler import wait_until_all_final
 from tests.processes import GatewayProcess
@@ -31,21 +31,13 @@ def pair(db_url: str, relay: FakeRelay, tmp_path: Path) -> Iterator[tuple[Gatewa
 
 def spread(pair: tuple[GatewayProcess, GatewayProcess], secret: str, count: int) -> list[httpx.Response]:
     """`count` creates released together, alternating between the two processes."""
-    start = threading.Barrier(count)
-    responses: list[httpx.Response] = []
 
-    def one(i: int) -> None:
+    def one(i: int) -> httpx.Response:
         with httpx.Client(base_url=pair[i % 2].url, headers={"Authorization": f"Bearer {secret}"},
                           timeout=30) as api:
-            start.wait()
-            responses.append(api.post("/models/budget/model/predictions", json={"input": {"i": i}}))
+            return api.post("/models/budget/model/predictions", json={"input": {"i": i}})
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return responses
+    return release_together(count, one)
 
 
 def test_budget_rate_and_settlement_hold_across_two_processes(

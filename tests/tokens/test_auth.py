@@ -125,3 +125,22 @@ class TestTokenCommands:
         assert again.returncode == 2
         assert "already exists" in again.stderr
         assert "Traceback" not in again.stderr
+
+
+class TestTokenLimitCommands:
+    def test_create_with_limits_then_update_and_clear(self, gateway: Gateway) -> None:
+        created = cli(gateway.db_url, "tokens", "create", "lim", "--budget", "5", "--budget-period", "month",
+                      "--rpm", "60", "--max-in-flight", "4", "--json")
+        assert created.returncode == 0, created.stderr
+        updated = cli(gateway.db_url, "tokens", "update", "lim", "--budget", "7.25", "--rpm", "none",
+                      "--all-models", "--json")
+        assert updated.returncode == 0, updated.stderr
+        view = orjson.loads(updated.stdout)
+        assert view["budget_usd"] == "7.250000"
+        assert view["budget_period"] == "month"
+        assert view["rpm_limit"] is None
+        assert view["max_in_flight"] == 4
+        assert cli(gateway.db_url, "tokens", "update", "nobody", "--rpm", "3").returncode == 2
+        bad = cli(gateway.db_url, "tokens", "update", "lim", "--rpm", "0")
+        assert bad.returncode == 2
+        assert "Traceback" not in bad.stderr
