@@ -71,6 +71,13 @@ class Settings(BaseSettings):
     reconcile_interval: float = Field(default=2.0, gt=0)
     poll_backoff_max: float = Field(default=30.0, gt=0)
     max_prediction_seconds: float = Field(default=1800.0, gt=0)
+    storage_dir: Path = Path("./data")
+    max_file_bytes: int = Field(default=100 * 1024 * 1024, gt=0)
+    stream_poll_interval: float = Field(default=0.5, gt=0)
+    allow_private_webhooks: bool = False
+    upstream_webhook_secret: SecretStr | None = None
+    durable_outputs: list[str] = Field(default_factory=list)  # owner/name globs to archive
+    max_output_bytes: int = Field(default=100 * 1024 * 1024, gt=0)
 
     prices: list[PriceRule] = Field(default_factory=list)
 

@@ -20,7 +20,9 @@ from app.logging import configure_logging
 from app.middleware import BodySizeLimit
 from app.predictions.router import router as predictions_router
 from app.predictions.service import PredictionService
+from app.schema import Base as _all_tables  # noqa: F401  (every table known to the ORM)
 from app.state import GatewayState
+from app.storage import LocalStorage
 from app.tokens.service import load_instance_key
 from app.upstream.client import UpstreamClient
 
@@ -82,7 +84,8 @@ def create_app(
                 sessions=sessions,
                 upstream=upstream,
                 key=key,
-                predictions=PredictionService(sessions=sessions, upstream=upstream, settings=settings),
+                predictions=PredictionService(sessions=sessions, upstream=upstream, settings=settings, key=key),
+                storage=LocalStorage(settings.storage_dir),
             )
             reconciler = Reconciler(
                 sessions=sessions, upstream=upstream, service=app.state.gateway.predictions,

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.config import Settings
+from app.storage import LocalStorage
 
 if TYPE_CHECKING:
     from app.predictions.service import PredictionService
@@ -24,3 +25,4 @@ class GatewayState:
     upstream: UpstreamClient
     key: bytes
     predictions: PredictionService
+    storage: LocalStorage

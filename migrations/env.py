@@ -7,11 +7,9 @@ import asyncio
 from alembic import context
 from sqlalchemy.engine import Connection
 
-import app.accounting.models
-import app.predictions.models
-import app.tokens.models  # noqa: F401  (registers the tables on Base.metadata)
 from app.config import Settings
-from app.db import Base, make_engine
+from app.db import make_engine
+from app.schema import Base
 
 target_metadata = Base.metadata
 

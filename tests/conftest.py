@@ -121,12 +121,13 @@ class Gateway:
 
 
 @pytest.fixture
-def gateway_factory(db_url: str, relay: FakeRelay) -> Iterator[Any]:
+def gateway_factory(db_url: str, relay: FakeRelay, tmp_path: Path) -> Iterator[Any]:
     """Start gateways with optional setting overrides; all are stopped after the test."""
     started: list[ServerThread] = []
 
     def start(**overrides: Any) -> Gateway:
         upstream_url = overrides.pop("upstream_url", relay.upstream_url)
+        overrides.setdefault("storage_dir", tmp_path / "storage")
         settings = make_settings(db_url, upstream_url, relay.key, **overrides)
         server = ServerThread(create_app(settings)).start()
         started.append(server)

@@ -7,7 +7,8 @@ from typing import Any
 
 from sqlalchemy import text
 
-from app.db import Base, make_engine, make_sessionmaker
+from app.db import make_engine, make_sessionmaker
+from app.schema import Base
 from app.tokens import service as token_service
 
 TABLES = [table.name for table in reversed(Base.metadata.sorted_tables)]

@@ -79,6 +79,14 @@ class Prediction(Base):
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)
     request_hash: Mapped[str | None] = mapped_column(String(64), default=None)
+    # The client's webhook, kept here and never sent upstream.
+    webhook: Mapped[str | None] = mapped_column(Text, default=None)
+    webhook_events_filter: Mapped[list[str] | None] = mapped_column(JSON, default=None)
+    webhook_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    webhook_sequence: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    outputs_archived: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    # The base URL the client used, so background work (webhooks) builds the same URLs.
+    public_base: Mapped[str | None] = mapped_column(String(255), default=None)
 
     @property
     def is_terminal(self) -> bool:

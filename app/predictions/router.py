@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from app.accounting import service as accounting
 from app.columns import utcnow
@@ -21,6 +21,7 @@ from app.errors import (
     ValidationFailed,
     invalid_fields_from,
 )
+from app.files.service import resolve_inputs as resolve_file_inputs
 from app.predictions import rewrite
 from app.predictions.headers import valid_cancel_after, wait_seconds
 from app.predictions.models import Prediction
@@ -43,6 +44,16 @@ class PredictionCreate(BaseModel):
     input: dict[str, Any]
     version: str | None = None
     stream: bool | None = None
+    webhook: str | None = Field(default=None, max_length=2048)
+    webhook_events_filter: list[Literal["start", "output", "logs", "completed"]] | None = None
+    webhook_completed: str | None = Field(default=None, max_length=2048)
+
+    @field_validator("webhook", "webhook_completed")
+    @classmethod
+    def _absolute_http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^\s/?#]+[^\s]*$", value, re.IGNORECASE):
+            raise ValueError("must be an absolute http(s) URL")
+        return value
 
 
 def _json(content: Any, status_code: int = 200) -> Response:
@@ -110,7 +121,8 @@ async def _create(
     if cancel_after is not None and not valid_cancel_after(cancel_after):
         raise ValidationFailed([{"type": "format", "field": "Cancel-After",
                                  "description": "must be a duration such as 30s, 5m or 1h30m"}])
-    forwarded: dict[str, Any] = {"input": body.input}
+    # Gateway file URLs in the input become something the upstream can read.
+    forwarded: dict[str, Any] = {"input": await resolve_file_inputs(state, caller.token, body.input, public)}
     if target.upstream_path == "v1/predictions":
         forwarded["version"] = target.version
     if body.stream is not None:
@@ -123,6 +135,11 @@ async def _create(
         token=caller.token, caller_secret=caller.secret, target=target, body=forwarded,
         prefer=f"wait={wait}" if wait else None, wait=wait, cancel_after=cancel_after,
         idempotency_key=idempotency_key,
+        webhook=body.webhook or body.webhook_completed,
+        webhook_events_filter=(list(dict.fromkeys(body.webhook_events_filter))
+                               if body.webhook_events_filter is not None
+                               else (["completed"] if body.webhook_completed and not body.webhook else None)),
+        public_base=public,
     )
     # Clients poll only after "starting"; any other unfinished status would end run() with no output.
     status_override = "starting" if wait and not prediction.is_terminal else None

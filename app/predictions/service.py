@@ -26,6 +26,7 @@ from app.tokens.models import ApiToken
 from app.tokens.service import may_use_model, new_id
 from app.upstream.client import UpstreamClient, UpstreamFailure
 from app.upstream.schemas import InvalidUpstreamPrediction, UpstreamPrediction, parse_prediction
+from app.webhooks import inbound, outbox
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +87,13 @@ class PredictionService:
         sessions: async_sessionmaker[AsyncSession],
         upstream: UpstreamClient,
         settings: Settings,
+        key: bytes,
     ) -> None:
         self._sessions = sessions
         self._upstream = upstream
         self._settings = settings
         self._prices = settings.prices
+        self._key = key
 
     async def create(
         self,
@@ -103,6 +106,9 @@ class PredictionService:
         wait: int | None,
         cancel_after: str | None,
         idempotency_key: str | None = None,
+        webhook: str | None = None,
+        webhook_events_filter: list[str] | None = None,
+        public_base: str | None = None,
     ) -> tuple[Prediction, bool]:
         """Admit, record, forward, record the outcome; returns the prediction and whether it is
         an idempotent replay. The row and its reservation exist before any byte leaves."""
@@ -142,6 +148,9 @@ class PredictionService:
             submit_deadline=now + timedelta(seconds=in_doubt_after),
             idempotency_key=idempotency_key,
             request_hash=request_hash,
+            webhook=webhook,
+            webhook_events_filter=webhook_events_filter,
+            public_base=public_base,
         )
         # Admission, the row and its reservation commit together, before the upstream call:
         # a crash after sending leaves a row for the reconciler, never an unrecorded prediction.
@@ -163,6 +172,10 @@ class PredictionService:
                 raise Conflict("A request with this Idempotency-Key is in progress") from None
             return replayed, True
 
+        # The client's webhook stays with us; the upstream may get our own inbound URL instead.
+        hook = inbound.inbound_url(self._settings, self._key, prediction.id)
+        if hook is not None:
+            forwarded = {**forwarded, "webhook": hook, "webhook_events_filter": ["completed"]}
         try:
             data = await self._upstream.create_prediction(
                 target.upstream_path, forwarded, prefer=prefer, cancel_after=cancel_after,
@@ -247,7 +260,7 @@ class PredictionService:
             await self._record_failed_create(prediction, "invalid upstream response", maybe_sent=True)
             raise UpstreamInvalid()
         log.info("prediction.created", extra={"prediction_id": prediction.id, "upstream": self._upstream.name})
-        return await self.apply_upstream_state(prediction.id, reply)
+        return await self.apply_upstream_state(prediction.id, reply, first=True)
 
     def _outcome(self, row: Prediction, reply: UpstreamPrediction) -> accounting.Outcome:
         billable = reply.status == "succeeded" or row.bill_failures
@@ -260,7 +273,9 @@ class PredictionService:
             return accounting.Outcome(True, row.estimate_micros, f"charged at the estimate: {cost.note}")
         return accounting.Outcome(True, cost.micros)
 
-    async def apply_upstream_state(self, prediction_id: str, reply: UpstreamPrediction) -> Prediction:
+    async def apply_upstream_state(
+        self, prediction_id: str, reply: UpstreamPrediction, *, first: bool = False
+    ) -> Prediction:
         """Record what the upstream says, as a compare-and-set that never moves status backwards;
         a first final status is settled or released in the same transaction."""
         now = utcnow()
@@ -293,6 +308,7 @@ class PredictionService:
                 values["model"] = reply.model
             if row.version is None and reply.version:
                 values["version"] = reply.version
+            previous_status = row.status
             result = await session.execute(
                 update(Prediction)
                 .where(Prediction.id == prediction_id,
@@ -300,7 +316,8 @@ class PredictionService:
                 .values(**values)
                 .execution_options(synchronize_session=False)
             )
-            if result.rowcount == 1 and outcome is not None:  # type: ignore[attr-defined]
+            changed = result.rowcount == 1  # type: ignore[attr-defined]
+            if changed and outcome is not None:
                 await accounting.close(
                     session, prediction_id=prediction_id, token_id=row.token_id,
                     estimate_micros=row.estimate_micros, outcome=outcome, now=now,
@@ -308,8 +325,11 @@ class PredictionService:
                 log.info("prediction.finished", extra={
                     "prediction_id": prediction_id, "status": reply.status,
                     "charged_micros": outcome.amount_micros if outcome.charged else 0})
-            await session.commit()
             await session.refresh(row)
+            if changed and row.webhook:
+                await outbox.record_events(session, row, previous_status=None if first else previous_status,
+                                           key=self._key, now=now)
+            await session.commit()
             return row
 
     async def force_finish(
@@ -336,12 +356,17 @@ class PredictionService:
             )
             finished: bool = result.rowcount == 1  # type: ignore[attr-defined]
             if finished:
+                previous_status = row.status
                 await accounting.close(
                     session, prediction_id=prediction_id, token_id=row.token_id,
                     estimate_micros=row.estimate_micros,
                     outcome=accounting.Outcome(True, row.estimate_micros, f"charged at the estimate: {reason}"),
                     now=now,
                 )
+                await session.refresh(row)
+                if row.webhook:
+                    await outbox.record_events(session, row, previous_status=previous_status,
+                                               key=self._key, now=now)
             await session.commit()
         if finished:
             log.warning("prediction.force_finished", extra={"prediction_id": prediction_id, "status": status})

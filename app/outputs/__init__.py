@@ -1,0 +1,1 @@
+"""Durable outputs: copies of output files served at stable gateway URLs."""

@@ -1,0 +1,1 @@
+"""Webhooks: signed, durable deliveries to clients, and verified hints from the upstream."""
