@@ -74,6 +74,7 @@ class Settings(BaseSettings):
     storage_dir: Path = Path("./data")
     max_file_bytes: int = Field(default=100 * 1024 * 1024, gt=0)
     stream_poll_interval: float = Field(default=0.5, gt=0)
+    stream_keepalive_interval: float = Field(default=15.0, gt=0, lt=30)
     allow_private_webhooks: bool = False
     upstream_webhook_secret: SecretStr | None = None
     durable_outputs: list[str] = Field(default_factory=list)  # owner/name globs to archive

@@ -19,6 +19,7 @@ from app.jobs.reconciler import Reconciler
 from app.logging import configure_logging
 from app.middleware import BodySizeLimit
 from app.predictions.router import router as predictions_router
+from app.predictions.router import streams_router
 from app.predictions.service import PredictionService
 from app.schema import Base as _all_tables  # noqa: F401  (every table known to the ORM)
 from app.state import GatewayState
@@ -117,6 +118,7 @@ def create_app(
     install_error_handlers(app)
     for prefix in API_PREFIXES:
         app.include_router(predictions_router, prefix=prefix)
+        app.include_router(streams_router, prefix=prefix)
     app.include_router(admin_router, prefix="/admin/v1")
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -26,12 +26,15 @@ def stream_token(prediction_id: str, key: bytes) -> str:
 
 
 def prediction_urls(prediction: Prediction, public_base: str, key: bytes) -> dict[str, str]:
-    """Absolute gateway URLs for a prediction; `stream` only when it is streamable."""
+    """Absolute gateway URLs for a prediction. The gateway streams any prediction itself, so
+    `stream` is always there (npm's `replicate.stream()` never asks for it)."""
     api = f"{public_base}/v1/predictions/{prediction.id}"
-    urls = {"get": api, "cancel": api + "/cancel", "web": f"{public_base}/p/{prediction.id}"}
-    if prediction.streamable:
-        urls["stream"] = f"{public_base}/v1/streams/{prediction.id}.{stream_token(prediction.id, key)}"
-    return urls
+    return {
+        "get": api,
+        "cancel": api + "/cancel",
+        "web": f"{public_base}/p/{prediction.id}",
+        "stream": f"{public_base}/v1/streams/{prediction.id}.{stream_token(prediction.id, key)}",
+    }
 
 
 def client_status(status: str) -> str:

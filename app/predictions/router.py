@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import re
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from app.accounting import service as accounting
@@ -22,12 +24,14 @@ from app.errors import (
     invalid_fields_from,
 )
 from app.files.service import resolve_inputs as resolve_file_inputs
-from app.predictions import rewrite
+from app.predictions import rewrite, stream
 from app.predictions.headers import valid_cancel_after, wait_seconds
 from app.predictions.models import Prediction
 from app.predictions.service import CreateTarget, PredictionService
 from app.upstream.client import UpstreamFailure
 
+SYNC_MARGIN_SECONDS = 0.3
+STREAM_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _PREDICTION_ID = re.compile(r"^[a-z0-9]{1,64}$")
 _VERSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -115,8 +119,10 @@ async def _create(
     request: Request, state: StateDep, caller: CallerDep, public: str, target: CreateTarget,
     body: PredictionCreate,
 ) -> Response:
-    prefer_header = request.headers.get("prefer")
-    wait = wait_seconds(prefer_header)
+    loop = asyncio.get_running_loop()
+    wait = wait_seconds(request.headers.get("prefer"))
+    # Python's client times out at N + 0.5 s: answer inside N s, whatever the upstream does.
+    deadline = loop.time() + wait - SYNC_MARGIN_SECONDS if wait else None
     cancel_after = request.headers.get("cancel-after")
     if cancel_after is not None and not valid_cancel_after(cancel_after):
         raise ValidationFailed([{"type": "format", "field": "Cancel-After",
@@ -131,9 +137,11 @@ async def _create(
     if idempotency_key is not None and not _IDEMPOTENCY_KEY.match(idempotency_key):
         raise ValidationFailed([{"type": "format", "field": "Idempotency-Key",
                                  "description": "must be 1 to 255 printable ASCII characters"}])
+    upstream_wait = max(1, wait - 1) if wait else None
     prediction, replayed = await _service(state).create(
         token=caller.token, caller_secret=caller.secret, target=target, body=forwarded,
-        prefer=f"wait={wait}" if wait else None, wait=wait, cancel_after=cancel_after,
+        prefer=f"wait={upstream_wait}" if upstream_wait else None, wait=upstream_wait,
+        cancel_after=cancel_after,
         idempotency_key=idempotency_key,
         webhook=body.webhook or body.webhook_completed,
         webhook_events_filter=(list(dict.fromkeys(body.webhook_events_filter))
@@ -141,6 +149,8 @@ async def _create(
                                else (["completed"] if body.webhook_completed and not body.webhook else None)),
         public_base=public,
     )
+    if deadline is not None and not prediction.is_terminal:
+        prediction = await _service(state).wait_until_final(prediction, deadline=deadline)
     # Clients poll only after "starting"; any other unfinished status would end run() with no output.
     status_override = "starting" if wait and not prediction.is_terminal else None
     response = _json(rewrite.to_client(prediction, public, state.key, status_override=status_override), 201)
@@ -285,3 +295,23 @@ async def get_model_version(
             "openapi_schema": {},
         }
     return _json(_rebase(data, state.upstream.base_url, public))
+
+
+# Stream URLs are capabilities: the npm client fetches them with no Authorization at all.
+streams_router = APIRouter()
+
+
+@streams_router.get("/streams/{ref}")
+async def stream_prediction(ref: str, state: StateDep) -> Response:
+    """Server-sent events for a prediction: output, logs, error and done; replayed once final."""
+    prediction_id, _, capability = ref.partition(".")
+    expected = rewrite.stream_token(prediction_id, state.key) if _PREDICTION_ID.match(prediction_id) else ""
+    prediction = None
+    if expected and hmac.compare_digest(capability.encode(), expected.encode()):
+        prediction = await _service(state).by_stream_capability(prediction_id)
+    if prediction is None:
+        raise NotFound("The requested stream could not be found")
+    body = stream.events(prediction, _service(state).refreshed,
+                         poll_interval=state.settings.stream_poll_interval,
+                         keepalive_interval=state.settings.stream_keepalive_interval)
+    return StreamingResponse(body, media_type="text/event-stream", headers=STREAM_HEADERS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -372,6 +373,14 @@ class PredictionService:
             log.warning("prediction.force_finished", extra={"prediction_id": prediction_id, "status": status})
         return finished
 
+    async def by_stream_capability(self, prediction_id: str) -> Prediction | None:
+        """A prediction for its stream URL (the capability was checked by the caller)."""
+        async with self._sessions() as session:
+            row = await session.get(Prediction, prediction_id)
+        if row is None or row.submission == Submission.REJECTED:
+            return None
+        return row
+
     async def owned(self, token: ApiToken, prediction_id: str) -> Prediction:
         """The caller's prediction, or NotFound (the same answer for another token's)."""
         async with self._sessions() as session:
@@ -382,7 +391,24 @@ class PredictionService:
 
     async def get(self, token: ApiToken, prediction_id: str) -> Prediction:
         """The caller's prediction, refreshed from the upstream unless it is already final."""
-        row = await self.owned(token, prediction_id)
+        return await self.refreshed(await self.owned(token, prediction_id))
+
+    async def wait_until_final(self, prediction: Prediction, *, deadline: float) -> Prediction:
+        """Poll the upstream until the prediction is final or the loop clock reaches `deadline`,
+        for upstreams that ignore `Prefer: wait`."""
+        loop = asyncio.get_running_loop()
+        row = prediction
+        while not row.is_terminal:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            await asyncio.sleep(min(self._settings.stream_poll_interval, remaining))
+            if loop.time() < deadline:
+                row = await self.refreshed(row)
+        return row
+
+    async def refreshed(self, row: Prediction) -> Prediction:
+        """The prediction brought up to date from the upstream, unless it is final or unlinked."""
         if row.is_terminal or row.upstream_id is None:
             return row
         try:

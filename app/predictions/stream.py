@@ -1,0 +1,102 @@
+"""Server-sent events for a prediction, in the exact shape both official clients parse.
+
+The gateway builds the stream itself from the prediction as it refreshes it from the upstream:
+a relay's stream URL belongs to the relay's own Replicate account and is never followed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from app.predictions.models import Prediction
+
+KEEPALIVE = b": keepalive\n\n"
+
+
+def sse(event: str, data: str, event_id: str) -> bytes:
+    """One event: `event:`, `id:` and a `data:` line per line of data (clients join them with \\n)."""
+    lines = [f"event: {event}", f"id: {event_id}"]
+    lines += [f"data: {line}" for line in (data.split("\n") if data else [""])]
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+def _text(item: Any) -> str:
+    return item if isinstance(item, str) else orjson.dumps(item).decode()
+
+
+@dataclass
+class StreamCursor:
+    """What has been sent so far, so each poll emits only what is new."""
+
+    prefix: str
+    outputs_sent: int = 0
+    text_sent: int = 0
+    logs_sent: int = 0
+    events: int = 0
+    pending: list[bytes] = field(default_factory=list)
+
+    def _emit(self, event: str, data: str) -> None:
+        self.pending.append(sse(event, data, f"{self.prefix}:{self.events}"))
+        self.events += 1
+
+    def advance(self, prediction: Prediction) -> list[bytes]:
+        """The events for what changed since the last call, and `error`/`done` when final."""
+        output = prediction.output
+        if isinstance(output, list):
+            for item in output[self.outputs_sent:]:
+                self._emit("output", _text(item))
+            self.outputs_sent = max(self.outputs_sent, len(output))
+        elif isinstance(output, str):
+            if len(output) > self.text_sent:
+                self._emit("output", output[self.text_sent:])
+                self.text_sent = len(output)
+        elif output is not None and prediction.is_terminal and self.outputs_sent == 0:
+            self._emit("output", _text(output))
+            self.outputs_sent = 1
+        logs = prediction.logs or ""
+        if len(logs) > self.logs_sent:
+            self._emit("logs", logs[self.logs_sent:].rstrip("\n"))
+            self.logs_sent = len(logs)
+        if prediction.is_terminal:
+            if prediction.status == "failed":
+                self._emit("error", orjson.dumps({"detail": prediction.error or "Prediction failed"}).decode())
+                self._emit("done", orjson.dumps({"reason": "error"}).decode())
+            elif prediction.status in ("canceled", "aborted"):
+                self._emit("done", orjson.dumps({"reason": "canceled"}).decode())
+            else:
+                self._emit("done", "{}")
+        events, self.pending = self.pending, []
+        return events
+
+
+async def events(
+    prediction: Prediction,
+    refresh: Callable[[Prediction], Awaitable[Prediction]],
+    *,
+    poll_interval: float,
+    keepalive_interval: float = 15.0,
+) -> AsyncIterator[bytes]:
+    """Events until the prediction is final; a keep-alive comment whenever nothing was sent for
+    `keepalive_interval` seconds (Python's client gives up after 30 s of silence)."""
+    loop = asyncio.get_running_loop()
+    cursor = StreamCursor(prefix=str(int(prediction.created_at.timestamp())))
+    quiet_since = loop.time()
+    row = prediction
+    while True:
+        chunks = cursor.advance(row)
+        for chunk in chunks:
+            yield chunk
+        if chunks:
+            quiet_since = loop.time()
+        if row.is_terminal:
+            return
+        if loop.time() - quiet_since >= keepalive_interval:
+            yield KEEPALIVE
+            quiet_since = loop.time()
+        await asyncio.sleep(poll_interval)
+        row = await refresh(row)
