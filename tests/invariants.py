@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -58,3 +59,30 @@ def check_all(db_url: str, relay: FakeRelay | None = None, **kwargs: Any) -> Non
     check_ledger(db_url, **kwargs)
     if relay is not None:
         check_one_to_one(db_url, relay)
+    check_deliveries(db_url)
+
+
+def _json_value(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def check_deliveries(db_url: str, *, final: bool = False) -> None:
+    """I7: every subscribed terminal event has exactly one delivery record, and none for an
+    unfinished prediction; a record is pending only while attempts remain (never, when `final`)."""
+    deliveries = rows(db_url, "webhook_delivery")
+    completed = Counter(d["prediction_id"] for d in deliveries if d["event"] == "completed")
+    for prediction in rows(db_url, "prediction"):
+        events = _json_value(prediction["webhook_events_filter"])
+        wants_completed = "completed" in (events if events is not None else ["output", "completed"])
+        if (prediction["webhook"] and wants_completed and prediction["status"] in TERMINAL
+                and prediction["submission"] != "rejected"):
+            assert completed[prediction["id"]] == 1, (prediction["id"], completed[prediction["id"]])
+        else:
+            assert completed[prediction["id"]] == 0, (prediction["id"], prediction["status"])
+    for delivery in deliveries:
+        assert delivery["status"] in ("pending", "delivered", "dead"), delivery
+        assert 0 <= delivery["attempts"] <= delivery["max_attempts"], delivery
+        if delivery["status"] == "pending":
+            assert not final, f"delivery {delivery['id']} ({delivery['event']}) is still pending"
+        else:
+            assert delivery["finished_at"] is not None, delivery
