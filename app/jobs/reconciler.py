@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.columns import utcnow
 from app.config import Settings
 from app.errors import Throttled
+from app.outputs.archiver import OutputArchiver
 from app.predictions.models import Prediction, Submission
 from app.predictions.service import PredictionService
 from app.upstream.client import UpstreamClient, UpstreamFailure
@@ -52,11 +53,13 @@ class Reconciler:
         upstream: UpstreamClient,
         service: PredictionService,
         settings: Settings,
+        archiver: OutputArchiver | None = None,
     ) -> None:
         self._sessions = sessions
         self._upstream = upstream
         self._service = service
         self._settings = settings
+        self._archiver = archiver
         self._lease = timedelta(seconds=settings.request_timeout + settings.connect_timeout + 5)
         self._keys_expired_at: datetime | None = None
 
@@ -85,6 +88,8 @@ class Reconciler:
         await asyncio.gather(*(poll(claim) for claim in claims))
         resolved = await self._resolve_in_doubt()
         await self._expire_idempotency_keys()
+        if self._archiver is not None:
+            await self._archiver.run_once()
         return len(claims) + resolved
 
     async def _now(self, session: AsyncSession) -> datetime:

@@ -32,8 +32,16 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "versions_supported": True,
     "honour_prefer": True,
     "versions": {},
+    # Outputs served by the relay itself at stable URLs (downloadable, gone after forget()).
+    "outputs_on_relay": False,
 }
 NOT_FOUND = {"detail": "Not found"}
+DELIVERY = "/delivery"
+
+
+def output_bytes(prediction_id: str, name: str) -> bytes:
+    """The content of one relay-served output file (deterministic, so tests can compare)."""
+    return b"RIFF\x00\x00\x00\x00WEBPVP8 " + f"{prediction_id}/{name}".encode() * 64
 
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -252,9 +260,11 @@ class FakeRelay:
                 n = int(inp.get("num_outputs", 1))
             except (TypeError, ValueError):
                 n = 1
-            d.update(status="succeeded", output=[
-                f"https://replicate.delivery/xezq/{_rand(40)}/out-{i}.webp" for i in range(n)
-            ])
+            if self.outputs_on_relay:
+                urls = [f"{self.base_url}{DELIVERY}/{d['id']}/out-{i}.webp" for i in range(n)]
+            else:
+                urls = [f"https://replicate.delivery/xezq/{_rand(40)}/out-{i}.webp" for i in range(n)]
+            d.update(status="succeeded", output=urls)
             metrics["image_count"] = n
         d["logs"] += "done\n"
         d["metrics"] = metrics
@@ -322,11 +332,27 @@ class FakeRelay:
             return
         if fault is not None:
             await self._sleep(float(fault.params.get("seconds", 30)))
+        if method == "GET" and path.startswith(DELIVERY + "/"):
+            # Like replicate.delivery: no key needed, gone once the prediction is forgotten.
+            content = self._delivery(path)
+            if content is None:
+                await reply(404, json.dumps(NOT_FOUND).encode())
+            else:
+                await reply(200, content, ctype="image/webp")
+            return
         if not call.had_key:
             status, result = 401, {"detail": "Invalid token"}
         else:
             status, result = await self._route(method, path, body, headers, call)
         await reply(status, json.dumps(result).encode())
+
+    def _delivery(self, path: str) -> bytes | None:
+        parts = path[len(DELIVERY) + 1:].split("/")
+        with self._lock:
+            prediction = self._preds.get(parts[0]) if len(parts) == 2 else None
+            if prediction is None or prediction.forgotten:
+                return None
+        return output_bytes(parts[0], parts[1])
 
     def _take_fault(self, method: str, path: str) -> _Fault | None:
         for f in self._faults:
