@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
@@ -48,6 +49,42 @@ class PriceRule(BaseModel):
         return amount
 
 
+class UpstreamConfig(BaseModel):
+    """One `[[upstreams]]` entry: where it is, what it serves and how it is reached."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    url: str
+    token: SecretStr | None = None
+    token_env: str | None = None  # the key read from this environment variable instead
+    models: list[str] = Field(default_factory=lambda: ["*"])
+    priority: int = 0  # higher goes first
+    weight: float = Field(default=1.0, gt=0)  # share of creates among equal priorities
+    connect_timeout: float | None = Field(default=None, gt=0)
+    create_timeout: float | None = Field(default=None, gt=0)
+    request_timeout: float | None = Field(default=None, gt=0)
+    model_map: dict[str, str] = Field(default_factory=dict)  # our owner/name -> theirs
+    bill_failures: bool = False
+    # Declared when this upstream answers 5xx to a create only before accepting it, so a 5xx
+    # there is safe to fail over from.
+    rejects_with_5xx: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if not value.startswith(("http://", "https://")) or "#" in value or "?" in value:
+            raise ValueError("must be an absolute http(s) URL without query or fragment")
+        return value
+
+    def resolved_token(self) -> str | None:
+        """The upstream key, from `token` or the environment variable `token_env`."""
+        if self.token is not None:
+            return self.token.get_secret_value()
+        return os.environ.get(self.token_env) if self.token_env else None
+
+
 class Settings(BaseSettings):
     """Every setting of the gateway; built once and passed to `create_app`."""
 
@@ -77,10 +114,15 @@ class Settings(BaseSettings):
     stream_keepalive_interval: float = Field(default=15.0, gt=0, lt=30)
     allow_private_webhooks: bool = False
     upstream_webhook_secret: SecretStr | None = None
+    webhook_interval: float = Field(default=0.5, gt=0)  # seconds between webhook delivery passes
     durable_outputs: list[str] = Field(default_factory=list)  # owner/name globs to archive
+    output_hosts: list[str] = Field(default_factory=lambda: ["replicate.delivery", "*.replicate.delivery"])
     max_output_bytes: int = Field(default=100 * 1024 * 1024, gt=0)
 
     prices: list[PriceRule] = Field(default_factory=list)
+    upstreams: list[UpstreamConfig] = Field(default_factory=list)
+    breaker_threshold: int = Field(default=5, ge=1)
+    breaker_cooldown: float = Field(default=30.0, gt=0)
 
     @field_validator("upstream_url", "public_url")
     @classmethod
@@ -94,11 +136,21 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _load_config_file(self) -> Settings:
-        if self.config is not None and not self.prices:
+        if self.config is not None and not (self.prices or self.upstreams):
             with self.config.open("rb") as handle:
                 data = tomllib.load(handle)
             self.prices = [PriceRule.model_validate(entry) for entry in data.get("prices", [])]
+            self.upstreams = [UpstreamConfig.model_validate(entry) for entry in data.get("upstreams", [])]
+        names = [u.name for u in self.upstreams]
+        if len(names) != len(set(names)):
+            raise ValueError("upstream names must be unique")
         return self
+
+    def effective_upstreams(self) -> list[UpstreamConfig]:
+        """The `[[upstreams]]` entries, or one named "default" from GATEWAY_UPSTREAM_URL."""
+        if self.upstreams:
+            return list(self.upstreams)
+        return [UpstreamConfig(name="default", url=self.upstream_url, token=self.upstream_token)]
 
     @property
     def async_database_url(self) -> str:

@@ -15,9 +15,12 @@ from app.admin.router import router as admin_router
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker, schema_is_current
 from app.errors import install_error_handlers
+from app.files.router import router as files_router
 from app.jobs.reconciler import Reconciler
 from app.logging import configure_logging
 from app.middleware import BodySizeLimit
+from app.outputs.archiver import OutputArchiver
+from app.outputs.router import router as outputs_router
 from app.predictions.router import router as predictions_router
 from app.predictions.router import streams_router
 from app.predictions.service import PredictionService
@@ -26,6 +29,10 @@ from app.state import GatewayState
 from app.storage import LocalStorage
 from app.tokens.service import load_instance_key
 from app.upstream.client import UpstreamClient
+from app.webhooks.delivery import STOP_TIMEOUT as DELIVERY_STOP_TIMEOUT
+from app.webhooks.delivery import Deliverer
+from app.webhooks.router import inbound_router as webhooks_inbound_router
+from app.webhooks.router import router as webhooks_router
 
 API_PREFIXES = ("/replicate/v1", "/v1")
 log = logging.getLogger(__name__)
@@ -37,7 +44,8 @@ class SchemaOutOfDate(RuntimeError):
 
 def _secret_values(settings: Settings) -> list[str]:
     values = [settings.upstream_url]
-    for secret in (settings.upstream_token, settings.admin_token, settings.secret_key):
+    for secret in (settings.upstream_token, settings.admin_token, settings.secret_key,
+                   settings.upstream_webhook_secret):
         if secret is not None:
             values.append(secret.get_secret_value())
     host = httpx.URL(settings.upstream_url).host
@@ -88,12 +96,16 @@ def create_app(
                 predictions=PredictionService(sessions=sessions, upstream=upstream, settings=settings, key=key),
                 storage=LocalStorage(settings.storage_dir),
             )
+            archiver = OutputArchiver(sessions=sessions, storage=app.state.gateway.storage,
+                                      settings=settings, key=key)
             reconciler = Reconciler(
                 sessions=sessions, upstream=upstream, service=app.state.gateway.predictions,
-                settings=settings,
+                settings=settings, archiver=archiver,
             )
             stop = asyncio.Event()
             reconciling = asyncio.create_task(reconciler.run_until(stop), name="reconciler")
+            deliverer = Deliverer(sessions=sessions, settings=settings, key=key)
+            delivering = asyncio.create_task(deliverer.run_until(stop), name="webhooks")
             try:
                 yield
             finally:
@@ -102,6 +114,12 @@ def create_app(
                     await asyncio.wait_for(reconciling, timeout=settings.request_timeout + 5)
                 except TimeoutError:
                     log.error("reconciler.stop_timed_out")
+                try:
+                    await asyncio.wait_for(delivering, timeout=DELIVERY_STOP_TIMEOUT)
+                except TimeoutError:
+                    log.error("webhooks.stop_timed_out")
+                await deliverer.aclose()
+                await archiver.aclose()
         finally:
             if upstream is not None:
                 await upstream.aclose()
@@ -118,7 +136,13 @@ def create_app(
     install_error_handlers(app)
     for prefix in API_PREFIXES:
         app.include_router(predictions_router, prefix=prefix)
+        app.include_router(webhooks_router, prefix=prefix)
+        app.include_router(webhooks_inbound_router, prefix=prefix)
+        app.include_router(files_router, prefix=prefix)
         app.include_router(streams_router, prefix=prefix)
+        app.include_router(outputs_router, prefix=prefix)
     app.include_router(admin_router, prefix="/admin/v1")
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # An upload's form fields get the ordinary body allowance on top of the file limit.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
+                       upload_max_bytes=settings.max_file_bytes + settings.max_body_bytes)
     return app

@@ -23,6 +23,7 @@ from app.predictions import rewrite
 from app.predictions import search as prediction_search
 from app.tokens import service as token_service
 from app.tokens.models import ApiToken
+from app.webhooks import service as webhook_service
 
 
 async def require_admin(request: Request, state: StateDep) -> None:
@@ -151,7 +152,7 @@ async def delete_token(name_or_id: str, state: StateDep) -> Response:
         try:
             await token_service.delete(session, await _token(session, name_or_id))
         except token_service.TokenInUse:
-            raise Conflict("This token has predictions in the ledger; revoke it instead") from None
+            raise Conflict("This token has predictions or files; revoke it instead") from None
     return Response(status_code=204)
 
 
@@ -235,4 +236,22 @@ async def list_predictions(
     if next_cursor:
         query = {k: v for k, v in request.query_params.items() if k != "cursor"}
         next_url = str(request.url.replace_query_params(**query, cursor=next_cursor))
+    return _json({"next": next_url, "results": results})
+
+
+@router.get("/webhooks/deliveries")
+async def list_webhook_deliveries(
+    request: Request,
+    state: StateDep,
+    status: Literal["pending", "delivered", "dead"] | None = None,
+    before: Annotated[int | None, Query(ge=1)] = None,
+) -> Response:
+    """Webhook deliveries, newest first, 100 a page (`next`), optionally only one status; each
+    shows its URL's host only, never the path or query a receiver may put secrets in."""
+    async with state.sessions() as session:
+        results, next_before = await webhook_service.page(session, status=status, before=before)
+    next_url = None
+    if next_before is not None:
+        query = {k: v for k, v in request.query_params.items() if k != "before"}
+        next_url = str(request.url.replace_query_params(**query, before=next_before))
     return _json({"next": next_url, "results": results})

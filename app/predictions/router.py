@@ -29,6 +29,7 @@ from app.predictions.headers import valid_cancel_after, wait_seconds
 from app.predictions.models import Prediction
 from app.predictions.service import CreateTarget, PredictionService
 from app.upstream.client import UpstreamFailure
+from app.webhooks import guard
 
 SYNC_MARGIN_SECONDS = 0.3
 STREAM_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
@@ -54,9 +55,13 @@ class PredictionCreate(BaseModel):
 
     @field_validator("webhook", "webhook_completed")
     @classmethod
-    def _absolute_http_url(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^https?://[^\s/?#]+[^\s]*$", value, re.IGNORECASE):
-            raise ValueError("must be an absolute http(s) URL")
+    def _deliverable_url(cls, value: str | None) -> str | None:
+        # The same syntax checks delivery applies, so a bad URL is refused now, not dead later.
+        if value is not None:
+            try:
+                guard.parse_url(value)
+            except guard.DestinationRefused:
+                raise ValueError("must be an absolute http(s) URL with no user info or fragment") from None
         return value
 
 
@@ -148,6 +153,7 @@ async def _create(
                                if body.webhook_events_filter is not None
                                else (["completed"] if body.webhook_completed and not body.webhook else None)),
         public_base=public,
+        caller_input=body.input,
     )
     if deadline is not None and not prediction.is_terminal:
         prediction = await _service(state).wait_until_final(prediction, deadline=deadline)

@@ -110,6 +110,7 @@ class PredictionService:
         webhook: str | None = None,
         webhook_events_filter: list[str] | None = None,
         public_base: str | None = None,
+        caller_input: dict[str, Any] | None = None,
     ) -> tuple[Prediction, bool]:
         """Admit, record, forward, record the outcome; returns the prediction and whether it is
         an idempotent replay. The row and its reservation exist before any byte leaves."""
@@ -120,10 +121,13 @@ class PredictionService:
                 "This token is limited to some models; give the version as owner/name:version_id"
             )
         forwarded = {**body, "input": redact_secret(body["input"], caller_secret)}
+        # What the caller sent (before its file URLs were resolved) is what we keep and compare.
+        recorded = redact_secret(caller_input if caller_input is not None else body["input"], caller_secret)
         request_hash = None
         if idempotency_key is not None:
             request_hash = hashlib.sha256(orjson.dumps(
-                {"path": target.upstream_path, "body": forwarded}, option=orjson.OPT_SORT_KEYS
+                {"path": target.upstream_path, "body": {**forwarded, "input": recorded}},
+                option=orjson.OPT_SORT_KEYS,
             )).hexdigest()
             replayed = await self._replay(token, idempotency_key, request_hash)
             if replayed is not None:
@@ -141,7 +145,7 @@ class PredictionService:
             version=target.version,
             deployment=target.deployment,
             status="starting",
-            input=reduce_data_uris(forwarded["input"]),
+            input=reduce_data_uris(recorded),
             created_at=now,
             updated_at=now,
             estimate_micros=pricing.estimate_of(rule, self._settings.default_estimate),
@@ -310,6 +314,7 @@ class PredictionService:
             if row.version is None and reply.version:
                 values["version"] = reply.version
             previous_status = row.status
+            previous_output, previous_logs = row.output, row.logs
             result = await session.execute(
                 update(Prediction)
                 .where(Prediction.id == prediction_id,
@@ -329,7 +334,8 @@ class PredictionService:
             await session.refresh(row)
             if changed and row.webhook:
                 await outbox.record_events(session, row, previous_status=None if first else previous_status,
-                                           key=self._key, now=now)
+                                           key=self._key, now=now, previous_output=previous_output,
+                                           previous_logs=previous_logs)
             await session.commit()
             return row
 
@@ -358,6 +364,7 @@ class PredictionService:
             finished: bool = result.rowcount == 1  # type: ignore[attr-defined]
             if finished:
                 previous_status = row.status
+                previous_output, previous_logs = row.output, row.logs
                 await accounting.close(
                     session, prediction_id=prediction_id, token_id=row.token_id,
                     estimate_micros=row.estimate_micros,
@@ -367,7 +374,8 @@ class PredictionService:
                 await session.refresh(row)
                 if row.webhook:
                     await outbox.record_events(session, row, previous_status=previous_status,
-                                               key=self._key, now=now)
+                                               key=self._key, now=now, previous_output=previous_output,
+                                               previous_logs=previous_logs)
             await session.commit()
         if finished:
             log.warning("prediction.force_finished", extra={"prediction_id": prediction_id, "status": status})
@@ -477,3 +485,10 @@ class PredictionService:
         next_cursor = at(rows[-1], False) if has_older else None
         previous_cursor = at(rows[0], True) if has_newer else None
         return rows, next_cursor, previous_cursor
+
+    async def refresh(self, prediction_id: str) -> Prediction | None:
+        """Refresh any token's unfinished prediction from the upstream (an inbound webhook's hint);
+        the state recorded is the upstream's answer, never what the hint said."""
+        async with self._sessions() as session:
+            row = await session.get(Prediction, prediction_id)
+        return None if row is None else await self.refreshed(row)

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.columns import utcnow
 from app.errors import Unauthenticated
+from app.files.models import StoredFile
 from app.predictions.models import Prediction
 from app.tokens.models import ApiToken, InstanceKey
 
@@ -125,13 +126,14 @@ async def update_limits(session: AsyncSession, token: ApiToken, changes: dict[st
 
 
 class TokenInUse(ValueError):
-    """The token has predictions in the ledger; revoke it instead of deleting it."""
+    """The token has predictions or files; revoke it instead of deleting it."""
 
 
 async def delete(session: AsyncSession, token: ApiToken) -> None:
     """Delete a token that never made a prediction (the ledger is never rewritten)."""
     used = await session.scalar(select(Prediction.id).where(Prediction.token_id == token.id).limit(1))
-    if used is not None:
+    uploaded = await session.scalar(select(StoredFile.id).where(StoredFile.token_id == token.id).limit(1))
+    if used is not None or uploaded is not None:
         raise TokenInUse(token.name)
     await session.delete(token)
     await session.commit()

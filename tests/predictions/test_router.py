@@ -81,7 +81,7 @@ class TestForwarding:
         (call,) = relay.creates()
         assert call.had_key
         assert call.headers["authorization"] == f"Bearer {relay.key}"
-        assert call.headers["prefer"] == "wait=60"
+        assert call.headers["prefer"] == "wait=59"  # clamped to 60, less a second for the gateway
         assert call.headers["cancel-after"] == "5m"
         for name in ("cookie", "x-forwarded-for", "x-api-key", "idempotency-key"):
             assert name not in call.headers
@@ -239,3 +239,19 @@ class TestModels:
         assert version["cog_version"]
         assert version["openapi_schema"] == {}
         assert_problem(api.get("/models/a/b"), 404)
+
+
+class TestWebhookFields:
+    @pytest.mark.parametrize("url", ["ftp://x.example/hook", "https://user:pw@x.example/hook",
+                                     "https://x.example/hook#frag", "http://2130706433/", "not a url"])
+    def test_undeliverable_webhook_urls_are_422(self, api: httpx.Client, relay: FakeRelay, url: str) -> None:
+        problem = assert_problem(api.post("/models/a/b/predictions", json={"input": {}, "webhook": url}), 422)
+        assert problem["invalid_fields"][0]["field"] == "webhook"
+        assert relay.creates() == []
+
+    def test_webhook_fields_are_kept_and_never_sent_upstream(self, api: httpx.Client, relay: FakeRelay) -> None:
+        body = {"input": {}, "webhook": "https://hooks.example/x?customId=1", "webhook_events_filter": ["completed"]}
+        assert api.post("/models/a/b/predictions", json=body).status_code == 201
+        sent = relay.creates()[0].json()
+        assert "webhook" not in sent
+        assert "webhook_events_filter" not in sent
