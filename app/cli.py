@@ -223,7 +223,8 @@ def _serve(settings: Settings, host: str, port: int, *, demo: bool) -> int:
         url = httpx.URL(origin)
         demo_app = create_demo_upstream(output_base_url=f"{url.scheme}://{url.netloc.decode()}/demo")
         transport = httpx.ASGITransport(app=demo_app)
-        settings = settings.model_copy(update={"upstream_url": DEMO_UPSTREAM_URL, "upstream_token": None})
+        settings = settings.model_copy(
+            update={"upstream_url": DEMO_UPSTREAM_URL, "upstream_token": None, "upstreams": []})
         _announce_demo(settings, host, port)
     elif settings.upstream_token is None:
         sys.stderr.write("replicate-gateway: warning: GATEWAY_UPSTREAM_TOKEN is not set\n")

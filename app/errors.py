@@ -16,6 +16,7 @@
         ├── UpstreamStatus (the upstream's own 4xx/5xx status, scrubbed body)
         ├── UpstreamInvalid (502)
         ├── UpstreamUnavailable (502)
+        ├── UpstreamCircuitOpen (503, with Retry-After)
         └── UpstreamTimeout (504)
 """
 
@@ -150,6 +151,14 @@ class UpstreamUnavailable(UpstreamError):
 
     def __init__(self, detail: str = "The upstream service could not be reached") -> None:
         super().__init__(detail)
+
+
+class UpstreamCircuitOpen(UpstreamError):
+    status, title = 503, "Service Unavailable"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("Every upstream that serves this model is failing; try again shortly",
+                         headers={"Retry-After": str(max(1, retry_after))})
 
 
 class UpstreamTimeout(UpstreamError):

@@ -72,11 +72,13 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-def configure_logging(level: str, secrets: Iterable[str]) -> None:
+def configure_logging(level: str, secrets: Iterable[str], *extra_filters: logging.Filter) -> None:
     """Send every record through the scrubber to standard error as JSON lines."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())
     handler.addFilter(SecretScrubber(secrets))
+    for extra in extra_filters:
+        handler.addFilter(extra)
     root = logging.getLogger()
     for existing in [h for h in root.handlers if isinstance(h.formatter, JsonFormatter)]:
         root.removeHandler(existing)

@@ -19,6 +19,8 @@ from app.files.router import router as files_router
 from app.jobs.reconciler import Reconciler
 from app.logging import configure_logging
 from app.middleware import BodySizeLimit
+from app.observability import Metrics, RequestContext, RequestIdFilter
+from app.observability import router as observability_router
 from app.outputs.archiver import OutputArchiver
 from app.outputs.router import router as outputs_router
 from app.predictions.router import router as predictions_router
@@ -28,7 +30,7 @@ from app.schema import Base as _all_tables  # noqa: F401  (every table known to 
 from app.state import GatewayState
 from app.storage import LocalStorage
 from app.tokens.service import load_instance_key
-from app.upstream.client import UpstreamClient
+from app.upstream.registry import Registry
 from app.webhooks.delivery import STOP_TIMEOUT as DELIVERY_STOP_TIMEOUT
 from app.webhooks.delivery import Deliverer
 from app.webhooks.router import inbound_router as webhooks_inbound_router
@@ -43,14 +45,16 @@ class SchemaOutOfDate(RuntimeError):
 
 
 def _secret_values(settings: Settings) -> list[str]:
-    values = [settings.upstream_url]
-    for secret in (settings.upstream_token, settings.admin_token, settings.secret_key,
+    values: list[str] = []
+    for upstream in settings.effective_upstreams():
+        values.append(upstream.url)
+        token = upstream.resolved_token()
+        host = httpx.URL(upstream.url).host
+        values += [v for v in (token, host) if v and v != "api.replicate.com"]
+    for secret in (settings.admin_token, settings.secret_key,
                    settings.upstream_webhook_secret):
         if secret is not None:
             values.append(secret.get_secret_value())
-    host = httpx.URL(settings.upstream_url).host
-    if host and host not in ("api.replicate.com",):
-        values.append(host)
     return values
 
 
@@ -61,12 +65,13 @@ def create_app(
 ) -> FastAPI:
     """Build the gateway; `upstream_transport` lets the demo and tests supply the upstream."""
     settings = settings or Settings()
-    configure_logging(settings.log_level, _secret_values(settings))
+    configure_logging(settings.log_level, _secret_values(settings), RequestIdFilter())
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings.database_url)
-        upstream: UpstreamClient | None = None
+        registry: Registry | None = None
         try:
             if not await schema_is_current(engine):
                 raise SchemaOutOfDate(
@@ -77,29 +82,20 @@ def create_app(
                 key = await load_instance_key(
                     session, settings.secret_key.get_secret_value() if settings.secret_key else None
                 )
-            upstream = UpstreamClient(
-                name="default",
-                base_url=settings.upstream_url,
-                token=settings.upstream_token.get_secret_value() if settings.upstream_token else None,
-                connect_timeout=settings.connect_timeout,
-                request_timeout=settings.request_timeout,
-                create_timeout=settings.create_timeout,
-                max_body_bytes=settings.max_upstream_body_bytes,
-                transport=upstream_transport,
-            )
+            registry = Registry.from_settings(settings, upstream_transport, metrics.observe_upstream)
             app.state.gateway = GatewayState(
                 settings=settings,
                 engine=engine,
                 sessions=sessions,
-                upstream=upstream,
+                registry=registry,
                 key=key,
-                predictions=PredictionService(sessions=sessions, upstream=upstream, settings=settings, key=key),
+                predictions=PredictionService(sessions=sessions, registry=registry, settings=settings, key=key),
                 storage=LocalStorage(settings.storage_dir),
             )
             archiver = OutputArchiver(sessions=sessions, storage=app.state.gateway.storage,
                                       settings=settings, key=key)
             reconciler = Reconciler(
-                sessions=sessions, upstream=upstream, service=app.state.gateway.predictions,
+                sessions=sessions, registry=registry, service=app.state.gateway.predictions,
                 settings=settings, archiver=archiver,
             )
             stop = asyncio.Event()
@@ -121,8 +117,8 @@ def create_app(
                 await deliverer.aclose()
                 await archiver.aclose()
         finally:
-            if upstream is not None:
-                await upstream.aclose()
+            if registry is not None:
+                await registry.aclose()
             await engine.dispose()
 
     app = FastAPI(
@@ -133,7 +129,9 @@ def create_app(
         redoc_url=None,
         openapi_url="/openapi.json",
     )
+    app.state.metrics = metrics
     install_error_handlers(app)
+    app.include_router(observability_router)
     for prefix in API_PREFIXES:
         app.include_router(predictions_router, prefix=prefix)
         app.include_router(webhooks_router, prefix=prefix)
@@ -145,4 +143,6 @@ def create_app(
     # An upload's form fields get the ordinary body allowance on top of the file limit.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
                        upload_max_bytes=settings.max_file_bytes + settings.max_body_bytes)
+    # Outermost, so every answer (a 413 too) carries the request id and is counted.
+    app.add_middleware(RequestContext, metrics=metrics)
     return app

@@ -12,7 +12,7 @@ from app.storage import LocalStorage
 
 if TYPE_CHECKING:
     from app.predictions.service import PredictionService
-    from app.upstream.client import UpstreamClient
+    from app.upstream.registry import Registry
 
 
 @dataclass
@@ -22,7 +22,7 @@ class GatewayState:
     settings: Settings
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
-    upstream: UpstreamClient
+    registry: Registry
     key: bytes
     predictions: PredictionService
     storage: LocalStorage

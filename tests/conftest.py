@@ -121,7 +121,13 @@ class Gateway:
 
 
 @pytest.fixture
-def gateway_factory(db_url: str, relay: FakeRelay, tmp_path: Path) -> Iterator[Any]:
+def other_relays() -> list[FakeRelay]:
+    """Extra relays a test starts; the one-to-one invariant covers them too."""
+    return []
+
+
+@pytest.fixture
+def gateway_factory(db_url: str, relay: FakeRelay, other_relays: list[FakeRelay], tmp_path: Path) -> Iterator[Any]:
     """Start gateways with optional setting overrides; all are stopped after the test."""
     started: list[ServerThread] = []
 
@@ -137,7 +143,7 @@ def gateway_factory(db_url: str, relay: FakeRelay, tmp_path: Path) -> Iterator[A
     for server in started:
         server.stop()
     if started:
-        check_all(db_url, relay)
+        check_all(db_url, [relay, *other_relays])
 
 
 @pytest.fixture

@@ -43,9 +43,10 @@ def check_ledger(db_url: str, *, settled: bool = False) -> None:
         assert token["in_flight"] == len(open_reservations), token
 
 
-def check_one_to_one(db_url: str, relay: FakeRelay) -> None:
+def check_one_to_one(db_url: str, relay: FakeRelay | list[FakeRelay]) -> None:
     """I4: every upstream prediction maps to exactly one row, and every linked row to one."""
-    created = [call.prediction_id for call in relay.creates()]
+    relays = relay if isinstance(relay, list) else [relay]
+    created = [call.prediction_id for one in relays for call in one.creates()]
     linked = [p["upstream_id"] for p in rows(db_url, "prediction") if p["upstream_id"]]
     assert len(linked) == len(set(linked)), "two rows share an upstream id"
     assert set(linked) <= set(created), "a row links an upstream prediction the relay never made"
@@ -54,7 +55,7 @@ def check_one_to_one(db_url: str, relay: FakeRelay) -> None:
     assert len(orphans) <= len(in_doubt), f"upstream predictions with no row: {orphans}"
 
 
-def check_all(db_url: str, relay: FakeRelay | None = None, **kwargs: Any) -> None:
+def check_all(db_url: str, relay: FakeRelay | list[FakeRelay] | None = None, **kwargs: Any) -> None:
     """Every invariant this test set can check."""
     check_ledger(db_url, **kwargs)
     if relay is not None:

@@ -7,6 +7,7 @@ from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
+import httpx
 import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
@@ -255,3 +256,20 @@ async def list_webhook_deliveries(
         query = {k: v for k, v in request.query_params.items() if k != "before"}
         next_url = str(request.url.replace_query_params(**query, before=next_before))
     return _json({"next": next_url, "results": results})
+
+
+@router.get("/upstreams")
+async def list_upstreams(state: StateDep) -> Response:
+    """Each upstream's routing settings and circuit-breaker state; never its key."""
+    return _json({"results": [
+        {
+            "name": upstream.name,
+            "host": httpx.URL(upstream.config.url).host,
+            "models": upstream.config.models,
+            "priority": upstream.config.priority,
+            "weight": upstream.config.weight,
+            "circuit": upstream.breaker.state,
+            "consecutive_failures": upstream.breaker.failures,
+        }
+        for upstream in state.registry.all
+    ]})

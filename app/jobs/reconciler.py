@@ -17,7 +17,8 @@ from app.errors import Throttled
 from app.outputs.archiver import OutputArchiver
 from app.predictions.models import Prediction, Submission
 from app.predictions.service import PredictionService
-from app.upstream.client import UpstreamClient, UpstreamFailure
+from app.upstream.client import UpstreamFailure
+from app.upstream.registry import Registry
 from app.upstream.schemas import InvalidUpstreamPrediction, parse_prediction
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class Claim:
     """A prediction leased to this reconciler until `lease_until`."""
 
     id: str
+    upstream: str
     upstream_id: str
     created_at: datetime
     poll_attempts: int
@@ -50,13 +52,13 @@ class Reconciler:
         self,
         *,
         sessions: async_sessionmaker[AsyncSession],
-        upstream: UpstreamClient,
+        registry: Registry,
         service: PredictionService,
         settings: Settings,
         archiver: OutputArchiver | None = None,
     ) -> None:
         self._sessions = sessions
-        self._upstream = upstream
+        self._registry = registry
         self._service = service
         self._settings = settings
         self._archiver = archiver
@@ -107,7 +109,8 @@ class Reconciler:
         async with self._sessions() as session:
             now = await self._now(session)
             query = (
-                select(Prediction.id, Prediction.upstream_id, Prediction.created_at, Prediction.poll_attempts)
+                select(Prediction.id, Prediction.upstream, Prediction.upstream_id, Prediction.created_at,
+                       Prediction.poll_attempts)
                 .where(
                     Prediction.status.in_(("starting", "processing")),
                     Prediction.submission == Submission.ACCEPTED,
@@ -130,7 +133,8 @@ class Reconciler:
                         poll_attempts=row.poll_attempts + 1,
                     )
                 )
-                claims.append(Claim(row.id, row.upstream_id, row.created_at, row.poll_attempts + 1, lease_until))
+                claims.append(Claim(row.id, row.upstream, row.upstream_id, row.created_at,
+                                    row.poll_attempts + 1, lease_until))
             await session.commit()
             return claims
 
@@ -142,11 +146,15 @@ class Reconciler:
 
     async def _poll_once(self, claim: Claim) -> None:
         expired = utcnow() - claim.created_at > timedelta(seconds=self._settings.max_prediction_seconds)
+        upstream = self._registry.get(claim.upstream)
+        if upstream is None:
+            log.error("reconciler.unknown_upstream", extra={"prediction_id": claim.id, "upstream": claim.upstream})
+            return
         try:
             if expired:
-                data = await self._upstream.cancel_prediction(claim.upstream_id)
+                data = await upstream.client.cancel_prediction(claim.upstream_id)
             else:
-                data = await self._upstream.get_prediction(claim.upstream_id)
+                data = await upstream.client.get_prediction(claim.upstream_id)
             reply = parse_prediction(data)
             if reply.id != claim.upstream_id:
                 raise InvalidUpstreamPrediction("mismatched id")
@@ -158,7 +166,7 @@ class Reconciler:
             if expired:
                 await self._service.force_finish(claim.id, status="failed", reason=EXPIRED_REASON)
             return
-        row = await self._service.apply_upstream_state(claim.id, reply)
+        row = await self._service.apply_upstream_state(claim.id, reply, upstream_name=claim.upstream)
         if expired and not row.is_terminal:
             await self._service.force_finish(claim.id, status="canceled", reason=EXPIRED_REASON)
 

@@ -70,8 +70,8 @@ class OutputArchiver:
         self._storage = storage
         self._settings = settings
         self._key = key
-        upstream_host = httpx.URL(settings.upstream_url).host
-        self._hosts = [*settings.output_hosts, *([upstream_host] if upstream_host else [])]
+        upstream_hosts = [httpx.URL(u.url).host for u in settings.effective_upstreams()]
+        self._hosts = [*settings.output_hosts, *(host for host in upstream_hosts if host)]
         self._http = httpx.AsyncClient(
             transport=transport,
             timeout=httpx.Timeout(60.0, connect=settings.connect_timeout),

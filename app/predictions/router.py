@@ -28,7 +28,7 @@ from app.predictions import rewrite, stream
 from app.predictions.headers import valid_cancel_after, wait_seconds
 from app.predictions.models import Prediction
 from app.predictions.service import CreateTarget, PredictionService
-from app.upstream.client import UpstreamFailure
+from app.upstream.client import UpstreamClient, UpstreamFailure
 from app.webhooks import guard
 
 SYNC_MARGIN_SECONDS = 0.3
@@ -256,26 +256,35 @@ def _rebase(value: Any, upstream_base: str, public: str) -> Any:
     return value
 
 
-async def _forward_read(state: StateDep, public: str, path: str) -> Response:
+def _reader(state: StateDep, model: str) -> UpstreamClient:
+    """The upstream that would run `model`, asked about it (the first that serves it)."""
+    candidates = state.registry.candidates(model)
+    if not candidates:
+        raise NotFound(f"No upstream serves {model}")
+    return candidates[0].client
+
+
+async def _forward_read(state: StateDep, public: str, model: str, path: str) -> Response:
+    client = _reader(state, model)
     try:
-        data = await state.upstream.get_json(path)
+        data = await client.get_json(path)
     except UpstreamFailure as failure:
         raise failure.error from None
-    return _json(_rebase(data, state.upstream.base_url, public))
+    return _json(_rebase(data, client.base_url, public))
 
 
 @router.get("/models/{owner}/{name}")
 async def get_model(owner: str, name: str, state: StateDep, public: PublicBaseDep) -> Response:
     """A model, as the upstream describes it."""
     owner, name = _segment(owner, "model"), _segment(name, "model")
-    return await _forward_read(state, public, f"v1/models/{owner}/{name}")
+    return await _forward_read(state, public, f"{owner}/{name}", f"v1/models/{owner}/{name}")
 
 
 @router.get("/models/{owner}/{name}/versions")
 async def list_model_versions(owner: str, name: str, state: StateDep, public: PublicBaseDep) -> Response:
     """A model's versions, as the upstream lists them."""
     owner, name = _segment(owner, "model"), _segment(name, "model")
-    return await _forward_read(state, public, f"v1/models/{owner}/{name}/versions")
+    return await _forward_read(state, public, f"{owner}/{name}", f"v1/models/{owner}/{name}/versions")
 
 
 @router.get("/models/{owner}/{name}/versions/{version_id}")
@@ -286,8 +295,9 @@ async def get_model_version(
     owner, name = _segment(owner, "model"), _segment(name, "model")
     if not _VERSION_ID.match(version_id):
         raise NotFound("The requested version could not be found")
+    client = _reader(state, f"{owner}/{name}")
     try:
-        data = await state.upstream.get_json(f"v1/models/{owner}/{name}/versions/{version_id}")
+        data = await client.get_json(f"v1/models/{owner}/{name}/versions/{version_id}")
     except UpstreamFailure:
         data = None
     if not isinstance(data, dict) or not isinstance(data.get("cog_version"), str) \
@@ -300,7 +310,7 @@ async def get_model_version(
             "cog_version": "0.9.0",
             "openapi_schema": {},
         }
-    return _json(_rebase(data, state.upstream.base_url, public))
+    return _json(_rebase(data, client.base_url, public))
 
 
 # Stream URLs are capabilities: the npm client fetches them with no Authorization at all.

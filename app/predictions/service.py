@@ -19,13 +19,24 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.accounting import pricing
 from app.accounting import service as accounting
 from app.columns import utcnow
-from app.config import Settings
-from app.errors import Conflict, Forbidden, NotFound, UpstreamInvalid, ValidationFailed
+from app.config import PriceRule, Settings
+from app.errors import (
+    Conflict,
+    Forbidden,
+    GatewayError,
+    NotFound,
+    UpstreamCircuitOpen,
+    UpstreamInvalid,
+    UpstreamStatus,
+    UpstreamUnavailable,
+    ValidationFailed,
+)
 from app.predictions import cursor as cursors
 from app.predictions.models import TERMINAL_STATUSES, Prediction, Submission
 from app.tokens.models import ApiToken
 from app.tokens.service import may_use_model, new_id
-from app.upstream.client import UpstreamClient, UpstreamFailure
+from app.upstream.client import UpstreamFailure
+from app.upstream.registry import Registry, Upstream
 from app.upstream.schemas import InvalidUpstreamPrediction, UpstreamPrediction, parse_prediction
 from app.webhooks import inbound, outbox
 
@@ -53,6 +64,12 @@ class CreateTarget:
     version: str | None = None
     deployment: str | None = None
 
+    def path_for(self, upstream: Upstream) -> str:
+        """The path at this upstream, with the model named as that upstream names it."""
+        if self.model is not None and self.upstream_path == f"v1/models/{self.model}/predictions":
+            return f"v1/models/{upstream.upstream_model(self.model)}/predictions"
+        return self.upstream_path
+
 
 def redact_secret(value: Any, caller_secret: str) -> Any:
     """The input without the caller's own token, which one official client can put there."""
@@ -79,6 +96,24 @@ def reduce_data_uris(value: Any) -> Any:
     return value
 
 
+def _may_fail_over(upstream: Upstream, failure: UpstreamFailure) -> bool:
+    """Whether a failed create may go to the next upstream: only when nothing can have been
+    created here (never sent, throttled, our key refused), or a 5xx from an upstream declared
+    to answer 5xx only before accepting. A caller's own mistake (4xx) is answered as it is."""
+    status = failure.error.status
+    if not failure.maybe_sent:
+        return not (400 <= status < 500) or status in (401, 403, 429)
+    return upstream.config.rejects_with_5xx and isinstance(failure.error, UpstreamStatus) and status >= 500
+
+
+def _note_health(upstream: Upstream, error: GatewayError) -> None:
+    """Failures of the upstream itself count towards its breaker; its answers to callers do not."""
+    if error.status >= 500:
+        upstream.breaker.failed()
+    elif error.status != 429:
+        upstream.breaker.succeeded()
+
+
 class PredictionService:
     """The prediction operations, bound to one database and one upstream."""
 
@@ -86,12 +121,12 @@ class PredictionService:
         self,
         *,
         sessions: async_sessionmaker[AsyncSession],
-        upstream: UpstreamClient,
+        registry: Registry,
         settings: Settings,
         key: bytes,
     ) -> None:
         self._sessions = sessions
-        self._upstream = upstream
+        self._registry = registry
         self._settings = settings
         self._prices = settings.prices
         self._key = key
@@ -132,6 +167,9 @@ class PredictionService:
             replayed = await self._replay(token, idempotency_key, request_hash)
             if replayed is not None:
                 return replayed, True
+        candidates = self._registry.candidates(target.model)
+        if not candidates:
+            raise NotFound(f"No upstream serves {target.model}")
         rule = pricing.find_rule(self._prices, target.model) if target.model else None
         now = utcnow()
         in_doubt_after = (self._settings.connect_timeout + self._settings.create_timeout
@@ -139,7 +177,7 @@ class PredictionService:
         prediction = Prediction(
             id=new_id(),
             token_id=token.id,
-            upstream=self._upstream.name,
+            upstream=candidates[0].name,
             submission=Submission.PENDING,
             model=target.model or UNKNOWN_MODEL,
             version=target.version,
@@ -149,7 +187,7 @@ class PredictionService:
             created_at=now,
             updated_at=now,
             estimate_micros=pricing.estimate_of(rule, self._settings.default_estimate),
-            bill_failures=rule.bill_failures if rule is not None else False,
+            bill_failures=(rule is not None and rule.bill_failures) or candidates[0].config.bill_failures,
             submit_deadline=now + timedelta(seconds=in_doubt_after),
             idempotency_key=idempotency_key,
             request_hash=request_hash,
@@ -181,20 +219,48 @@ class PredictionService:
         hook = inbound.inbound_url(self._settings, self._key, prediction.id)
         if hook is not None:
             forwarded = {**forwarded, "webhook": hook, "webhook_events_filter": ["completed"]}
-        try:
-            data = await self._upstream.create_prediction(
-                target.upstream_path, forwarded, prefer=prefer, cancel_after=cancel_after,
-                wait_seconds=wait,
+        refusal: GatewayError = UpstreamUnavailable("No upstream can take this prediction now")
+        for upstream in candidates:
+            if not upstream.breaker.allow():
+                refusal = UpstreamCircuitOpen(int(upstream.breaker.cooldown))
+                continue
+            if upstream.name != prediction.upstream:
+                # Recorded before forwarded, again: the row names the upstream about to get it.
+                await self._move(prediction, upstream, rule)
+            try:
+                data = await upstream.client.create_prediction(
+                    target.path_for(upstream), forwarded, prefer=prefer, cancel_after=cancel_after,
+                    wait_seconds=wait,
+                )
+                reply = parse_prediction(data)
+            except UpstreamFailure as failure:
+                _note_health(upstream, failure.error)
+                if _may_fail_over(upstream, failure):
+                    log.warning("upstream.failover", extra={"prediction_id": prediction.id, "upstream": upstream.name})
+                    refusal = failure.error
+                    continue
+                await self._record_failed_create(prediction, failure.error.detail, failure.maybe_sent)
+                raise failure.error from None
+            except InvalidUpstreamPrediction as exc:
+                upstream.breaker.failed()
+                log.warning("upstream.invalid_prediction", extra={"prediction_id": prediction.id, "reason": str(exc)})
+                await self._record_failed_create(prediction, "invalid upstream response", maybe_sent=True)
+                raise UpstreamInvalid() from None
+            upstream.breaker.succeeded()
+            return await self._record_accepted(prediction, reply), False
+        await self._record_failed_create(prediction, refusal.detail, maybe_sent=False)
+        raise refusal
+
+    async def _move(self, prediction: Prediction, upstream: Upstream, rule: PriceRule | None) -> None:
+        prediction.upstream = upstream.name
+        prediction.bill_failures = (rule is not None and rule.bill_failures) or upstream.config.bill_failures
+        async with self._sessions() as session:
+            await session.execute(
+                update(Prediction)
+                .where(Prediction.id == prediction.id, Prediction.submission == Submission.PENDING)
+                .values(upstream=upstream.name, bill_failures=prediction.bill_failures, updated_at=utcnow())
             )
-            reply = parse_prediction(data)
-        except UpstreamFailure as failure:
-            await self._record_failed_create(prediction, failure.error.detail, failure.maybe_sent)
-            raise failure.error from None
-        except InvalidUpstreamPrediction as exc:
-            log.warning("upstream.invalid_prediction", extra={"prediction_id": prediction.id, "reason": str(exc)})
-            await self._record_failed_create(prediction, "invalid upstream response", maybe_sent=True)
-            raise UpstreamInvalid() from None
-        return await self._record_accepted(prediction, reply), False
+            await session.commit()
 
     async def _replay(self, token: ApiToken, key: str, request_hash: str) -> Prediction | None:
         async with self._sessions() as session:
@@ -264,8 +330,8 @@ class PredictionService:
             log.error("upstream.unlinkable_create", extra={"prediction_id": prediction.id})
             await self._record_failed_create(prediction, "invalid upstream response", maybe_sent=True)
             raise UpstreamInvalid()
-        log.info("prediction.created", extra={"prediction_id": prediction.id, "upstream": self._upstream.name})
-        return await self.apply_upstream_state(prediction.id, reply, first=True)
+        log.info("prediction.created", extra={"prediction_id": prediction.id, "upstream": prediction.upstream})
+        return await self.apply_upstream_state(prediction.id, reply, first=True, upstream_name=prediction.upstream)
 
     def _outcome(self, row: Prediction, reply: UpstreamPrediction) -> accounting.Outcome:
         billable = reply.status == "succeeded" or row.bill_failures
@@ -279,7 +345,8 @@ class PredictionService:
         return accounting.Outcome(True, cost.micros)
 
     async def apply_upstream_state(
-        self, prediction_id: str, reply: UpstreamPrediction, *, first: bool = False
+        self, prediction_id: str, reply: UpstreamPrediction, *, first: bool = False,
+        upstream_name: str | None = None,
     ) -> Prediction:
         """Record what the upstream says, as a compare-and-set that never moves status backwards;
         a first final status is settled or released in the same transaction."""
@@ -297,8 +364,11 @@ class PredictionService:
         if reply.started_at is not None:
             values["started_at"] = reply.started_at
         if reply.extra:
-            values["upstream_extra"] = {k: self._upstream.scrub(v) if isinstance(v, str) else v
-                                        for k, v in reply.extra.items()}
+            owner = self._registry.get(upstream_name) if upstream_name else None
+            values["upstream_extra"] = {
+                k: (owner.client.scrub(v) if owner else "[removed]") if isinstance(v, str) else v
+                for k, v in reply.extra.items()
+            }
         terminal = reply.status in TERMINAL_STATUSES
         async with self._sessions() as session:
             row = await session.get(Prediction, prediction_id)
@@ -417,26 +487,35 @@ class PredictionService:
 
     async def refreshed(self, row: Prediction) -> Prediction:
         """The prediction brought up to date from the upstream, unless it is final or unlinked."""
-        if row.is_terminal or row.upstream_id is None:
+        upstream = self._registry.get(row.upstream)
+        if row.is_terminal or row.upstream_id is None or upstream is None:
             return row
         try:
-            reply = parse_prediction(await self._upstream.get_prediction(row.upstream_id))
-        except (UpstreamFailure, InvalidUpstreamPrediction) as exc:
+            reply = parse_prediction(await upstream.client.get_prediction(row.upstream_id))
+        except UpstreamFailure as failure:
             # The last known state is still true; a relay blip must not break a client's poll.
-            log.warning("prediction.refresh_failed", extra={"prediction_id": row.id, "error": type(exc).__name__})
+            _note_health(upstream, failure.error)
+            log.warning("prediction.refresh_failed", extra={"prediction_id": row.id, "status": failure.error.status})
+            return row
+        except InvalidUpstreamPrediction:
+            log.warning("prediction.refresh_failed", extra={"prediction_id": row.id, "status": 502})
             return row
         if reply.id != row.upstream_id:
             log.error("upstream.mismatched_id", extra={"prediction_id": row.id})
             return row
-        return await self.apply_upstream_state(row.id, reply)
+        upstream.breaker.succeeded()
+        return await self.apply_upstream_state(row.id, reply, upstream_name=row.upstream)
 
     async def cancel(self, token: ApiToken, prediction_id: str) -> Prediction:
         """Cancel upstream (never retried); a final prediction is returned as it is."""
         row = await self.owned(token, prediction_id)
         if row.is_terminal or row.upstream_id is None:
             return row
+        upstream = self._registry.get(row.upstream)
+        if upstream is None:
+            raise UpstreamUnavailable("The upstream that runs this prediction is no longer configured")
         try:
-            reply = parse_prediction(await self._upstream.cancel_prediction(row.upstream_id))
+            reply = parse_prediction(await upstream.client.cancel_prediction(row.upstream_id))
         except UpstreamFailure as failure:
             raise failure.error from None
         except InvalidUpstreamPrediction:
@@ -444,7 +523,7 @@ class PredictionService:
         if reply.id != row.upstream_id:
             raise UpstreamInvalid()
         log.info("prediction.cancel_requested", extra={"prediction_id": row.id})
-        return await self.apply_upstream_state(row.id, reply)
+        return await self.apply_upstream_state(row.id, reply, upstream_name=row.upstream)
 
     async def page(
         self, token: ApiToken, *, key: bytes, cursor_text: str | None

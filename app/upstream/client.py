@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
@@ -23,6 +25,7 @@ from app.errors import (
 
 log = logging.getLogger(__name__)
 
+Observer = Callable[[str, str, float, str | None], None]  # upstream, operation, seconds, error
 DEFAULT_RETRY_AFTER = 5
 MAX_RETRY_AFTER = 600
 _URL_PATTERN = re.compile(r"\b(?:https?|wss?)://[^\s\"'<>]+", re.IGNORECASE)
@@ -71,6 +74,7 @@ class UpstreamClient:
         create_timeout: float,
         max_body_bytes: int,
         transport: httpx.AsyncBaseTransport | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
@@ -79,6 +83,7 @@ class UpstreamClient:
         self._create_timeout = create_timeout
         self._connect_timeout = connect_timeout
         self._max_body_bytes = max_body_bytes
+        self._observer = observer
         headers = {"User-Agent": "replicate-gateway", "Accept": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
@@ -100,6 +105,15 @@ class UpstreamClient:
         """Close the pooled connections."""
         await self._http.aclose()
 
+    async def reachable(self) -> bool:
+        """Whether the upstream answers HTTP at all (any status), for the readiness check."""
+        try:
+            response = await self._http.get("v1/", timeout=self._connect_timeout)
+        except httpx.HTTPError:
+            return False
+        await response.aclose()
+        return True
+
     async def create_prediction(
         self,
         path: str,
@@ -117,20 +131,20 @@ class UpstreamClient:
             headers["Cancel-After"] = cancel_after
         read_timeout = self._create_timeout + (wait_seconds or 0)
         reply: dict[str, Any] = await self._call(
-            "POST", path, content=orjson.dumps(body), headers=headers,
+            "POST", path, operation="create", content=orjson.dumps(body), headers=headers,
             request_timeout=httpx.Timeout(read_timeout, connect=self._connect_timeout),
         )
         return reply
 
     async def get_prediction(self, upstream_id: str) -> dict[str, Any]:
         """GET one prediction by its upstream id."""
-        reply: dict[str, Any] = await self._call("GET", "v1/predictions/" + _segment(upstream_id))
+        reply: dict[str, Any] = await self._call("GET", "v1/predictions/" + _segment(upstream_id), operation="get")
         return reply
 
     async def cancel_prediction(self, upstream_id: str) -> dict[str, Any]:
         """POST a cancel; never retried."""
         path = "v1/predictions/" + _segment(upstream_id) + "/cancel"
-        reply: dict[str, Any] = await self._call("POST", path)
+        reply: dict[str, Any] = await self._call("POST", path, operation="cancel")
         return reply
 
     async def get_json(self, path: str) -> Any:
@@ -142,10 +156,33 @@ class UpstreamClient:
         method: str,
         path: str,
         *,
+        operation: str = "read",
         content: bytes | None = None,
         headers: dict[str, str] | None = None,
         request_timeout: httpx.Timeout | None = None,
         expect_object: bool = True,
+    ) -> Any:
+        started = time.perf_counter()
+        error: str | None = None
+        try:
+            return await self._send(method, path, content=content, headers=headers,
+                                    request_timeout=request_timeout, expect_object=expect_object)
+        except UpstreamFailure as failure:
+            error = str(failure.error.status)
+            raise
+        finally:
+            if self._observer is not None:
+                self._observer(self.name, operation, time.perf_counter() - started, error)
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        content: bytes | None,
+        headers: dict[str, str] | None,
+        request_timeout: httpx.Timeout | None,
+        expect_object: bool,
     ) -> Any:
         request = self._http.build_request(
             method, path, content=content, headers=headers,

@@ -11,7 +11,7 @@ from fnmatch import fnmatchcase
 import httpx
 
 from app.config import Settings, UpstreamConfig
-from app.upstream.client import UpstreamClient
+from app.upstream.client import Observer, UpstreamClient
 
 
 @dataclass
@@ -84,7 +84,10 @@ class Registry:
         self._rng = rng or random.Random()  # noqa: S311  (load spreading, not security)
 
     @classmethod
-    def from_settings(cls, settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> Registry:
+    def from_settings(
+        cls, settings: Settings, transport: httpx.AsyncBaseTransport | None = None,
+        observer: Observer | None = None,
+    ) -> Registry:
         """One pooled client per configured upstream."""
         upstreams = []
         for config in settings.effective_upstreams():
@@ -97,6 +100,7 @@ class Registry:
                 create_timeout=config.create_timeout or settings.create_timeout,
                 max_body_bytes=settings.max_upstream_body_bytes,
                 transport=transport,
+                observer=observer,
             )
             breaker = CircuitBreaker(threshold=settings.breaker_threshold, cooldown=settings.breaker_cooldown)
             upstreams.append(Upstream(config=config, client=client, breaker=breaker))

@@ -1,0 +1,157 @@
+"""Request ids, Prometheus metrics and health checks; none of them shows a secret."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import re
+import uuid
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from sqlalchemy import func, select, text
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.columns import utcnow
+from app.deps import StateDep
+from app.predictions.models import Prediction
+from app.state import GatewayState
+from app.webhooks.models import DeliveryStatus, WebhookDelivery
+
+REQUEST_ID = contextvars.ContextVar("request_id", default="")
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
+
+
+class Metrics:
+    """The gateway's Prometheus metrics, in a registry of their own (one per app)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("gateway_requests_total", "HTTP requests by route and status",
+                                ["method", "route", "status"], registry=self.registry)
+        self.upstream_latency = Histogram("gateway_upstream_seconds", "Upstream call latency",
+                                          ["upstream", "operation"], registry=self.registry)
+        self.upstream_errors = Counter("gateway_upstream_errors_total", "Failed upstream calls",
+                                       ["upstream", "operation", "kind"], registry=self.registry)
+        self.predictions = Gauge("gateway_predictions", "Predictions in the ledger by status",
+                                 ["status"], registry=self.registry)
+        self.spend = Gauge("gateway_spend_usd", "Settled spend in the ledger, USD", registry=self.registry)
+        self.reconciler_lag = Gauge("gateway_reconciler_lag_seconds",
+                                    "How late the most overdue reconciler poll is", registry=self.registry)
+        self.outbox_depth = Gauge("gateway_webhook_outbox_pending", "Webhook deliveries not yet sent",
+                                  registry=self.registry)
+
+    def observe_upstream(self, upstream: str, operation: str, seconds: float, error: str | None) -> None:
+        """Record one upstream call."""
+        self.upstream_latency.labels(upstream, operation).observe(seconds)
+        if error is not None:
+            self.upstream_errors.labels(upstream, operation, error).inc()
+
+
+class RequestContext:
+    """Accept or mint an X-Request-Id, echo it, count the request by its route template."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers", [])).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _CLIENT_REQUEST_ID.match(given) else uuid.uuid4().hex
+        token = REQUEST_ID.set(request_id)
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            REQUEST_ID.reset(token)
+            self.metrics.requests.labels(scope["method"], _route_template(scope), str(status)).inc()
+
+
+def _route_template(scope: Scope) -> str:
+    # Label by template, never by the raw path: ids and capability tokens must not become labels.
+    # Routing leaves the matched route in the scope.
+    route = scope.get("route")
+    path = getattr(route, "path_format", None) or getattr(route, "path", None)
+    return str(path) if path else "unmatched"
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds the current request id to every log record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        request_id = REQUEST_ID.get()
+        if request_id:
+            record.request_id = request_id
+        return True
+
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+async def healthz() -> Response:
+    """The process is alive."""
+    return Response(b'{"status":"ok"}', media_type="application/json")
+
+
+@router.get("/readyz")
+async def readyz(state: StateDep) -> Response:
+    """The database answers and at least one upstream is reachable; status only, no detail."""
+    checks: dict[str, str] = {}
+    try:
+        async with state.sessions() as session:
+            await session.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception:
+        checks["database"] = "unavailable"
+    checks["upstream"] = "ok" if await _any_upstream_reachable(state) else "unavailable"
+    ready = all(value == "ok" for value in checks.values())
+    body = {"status": "ok" if ready else "unavailable", **checks}
+    return Response(orjson.dumps(body), status_code=200 if ready else 503, media_type="application/json")
+
+
+async def _any_upstream_reachable(state: GatewayState) -> bool:
+    for upstream in state.registry.all:
+        if await upstream.client.reachable():
+            return True
+    return False
+
+
+@router.get("/metrics")
+async def metrics(request: Request, state: StateDep) -> Response:
+    """Prometheus metrics: requests, upstream latency and errors, predictions, spend, lag, outbox."""
+    registry: Metrics = request.app.state.metrics
+    async with state.sessions() as session:
+        by_status = dict((await session.execute(
+            select(Prediction.status, func.count()).group_by(Prediction.status))).all())
+        spent = await session.scalar(select(func.coalesce(func.sum(Prediction.cost_micros), 0)))
+        oldest_due = await session.scalar(select(func.min(Prediction.next_poll_at)).where(
+            Prediction.status.in_(("starting", "processing"))))
+        pending = await session.scalar(select(func.count()).select_from(WebhookDelivery).where(
+            WebhookDelivery.status == DeliveryStatus.PENDING))
+    for status in ("starting", "processing", "succeeded", "failed", "canceled", "aborted"):
+        registry.predictions.labels(status).set(by_status.get(status, 0))
+    registry.spend.set(int(spent or 0) / 1_000_000)
+    registry.reconciler_lag.set(max(0.0, (utcnow() - oldest_due).total_seconds()) if oldest_due else 0.0)
+    registry.outbox_depth.set(int(pending or 0))
+    return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,65 @@
+"""Request ids, /healthz, /readyz and /metrics; none of them shows a secret."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+from tests.conftest import Gateway
+from tests.fakes.relay import FakeRelay
+from tests.helpers import create, free_port, wait_terminal
+
+
+def test_request_ids_are_echoed_or_minted_and_logged(
+    gateway: Gateway, api: httpx.Client, log_lines: list[str]
+) -> None:
+    given = api.get("/account", headers={"X-Request-Id": "trace-123"})
+    assert given.headers["x-request-id"] == "trace-123"
+    minted = api.get("/predictions/" + "z" * 26)
+    assert len(minted.headers["x-request-id"]) == 32
+    assert api.get("/account", headers={"X-Request-Id": "bad id with spaces"}).headers["x-request-id"] != "bad id with spaces"
+    create(api)
+    logged = [json.loads(line) for line in log_lines]
+    assert any(entry.get("request_id") for entry in logged if entry["event"] == "prediction.created")
+
+
+def test_health_and_readiness(gateway: Gateway, gateway_factory: Any) -> None:
+    with httpx.Client(base_url=gateway.url) as anonymous:
+        assert anonymous.get("/healthz").json() == {"status": "ok"}
+        ready = anonymous.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json() == {"status": "ok", "database": "ok", "upstream": "ok"}
+    unreachable: Gateway = gateway_factory(upstream_url=f"http://127.0.0.1:{free_port()}/replicate")
+    with httpx.Client(base_url=unreachable.url) as anonymous:
+        response = anonymous.get("/readyz")
+    assert response.status_code == 503
+    assert response.json() == {"status": "unavailable", "database": "ok", "upstream": "unavailable"}
+    assert "127.0.0.1" not in response.text
+
+
+def test_metrics_count_requests_upstream_calls_predictions_and_spend(
+    gateway: Gateway, api: httpx.Client, relay: FakeRelay
+) -> None:
+    wait_terminal(api, create(api).json()["id"])
+    relay.fail_next("status", status=500)
+    create(api)
+    with httpx.Client(base_url=gateway.url) as anonymous:
+        text = anonymous.get("/metrics").text
+    assert 'gateway_requests_total{method="POST",route="/models/{owner}/{name}/predictions",status="201"}' in text
+    assert 'gateway_upstream_seconds_count{operation="create",upstream="default"}' in text
+    assert 'gateway_upstream_errors_total{kind="500",operation="create",upstream="default"} 1.0' in text
+    assert 'gateway_predictions{status="succeeded"} 1.0' in text
+    assert "gateway_spend_usd 0.006" in text
+    assert "gateway_webhook_outbox_pending 0.0" in text
+    assert "gateway_reconciler_lag_seconds" in text
+    for secret in (relay.key, f"127.0.0.1:{relay.port}"):
+        assert secret not in text
+    # Ids and capability tokens never become labels.
+    prediction_id = create(api).json()["id"]
+    api.get(f"/predictions/{prediction_id}")
+    with httpx.Client(base_url=gateway.url) as anonymous:
+        text = anonymous.get("/metrics").text
+    assert prediction_id not in text
+    assert 'route="/predictions/{prediction_id}"' in text

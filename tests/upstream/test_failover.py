@@ -1,0 +1,152 @@
+"""Several upstreams: routing, failover only when nothing can have been created, breakers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from app.config import UpstreamConfig
+from tests.conftest import Gateway
+from tests.dbtools import create_token, rows
+from tests.fakes.relay import FakeRelay
+from tests.helpers import assert_problem, create, free_port, wait_terminal
+
+ADMIN = "admin-failover-secret"
+
+
+@pytest.fixture
+def second(other_relays: list[FakeRelay]) -> Iterator[FakeRelay]:
+    relay = FakeRelay(key="sk-second-relay-canary")
+    relay.start()
+    other_relays.append(relay)
+    yield relay
+    relay.stop()
+
+
+def upstreams(relay: FakeRelay, second: FakeRelay, **primary: Any) -> list[UpstreamConfig]:
+    return [
+        UpstreamConfig(name="primary", url=primary.pop("url", relay.upstream_url), token=relay.key,
+                       priority=10, **primary),
+        UpstreamConfig(name="secondary", url=second.upstream_url, token=second.key, priority=1),
+    ]
+
+
+def start(gateway_factory: Any, relay: FakeRelay, second: FakeRelay, **primary: Any) -> tuple[Gateway, httpx.Client]:
+    gateway: Gateway = gateway_factory(upstreams=upstreams(relay, second, **primary), admin_token=ADMIN,
+                                       breaker_threshold=2, breaker_cooldown=60)
+    return gateway, gateway.client(create_token(gateway.db_url, "routed"))
+
+
+def test_the_highest_priority_upstream_takes_creates_and_owns_gets(
+    gateway_factory: Any, relay: FakeRelay, second: FakeRelay
+) -> None:
+    gateway, api = start(gateway_factory, relay, second)
+    with api:
+        ids = [create(api).json()["id"] for _ in range(3)]
+        for prediction_id in ids:
+            wait_terminal(api, prediction_id)
+    assert len(relay.creates()) == 3
+    assert second.calls == []
+    assert {r["upstream"] for r in rows(gateway.db_url, "prediction")} == {"primary"}
+
+
+def test_a_refused_connection_fails_over_and_the_secondary_owns_the_prediction(
+    gateway_factory: Any, relay: FakeRelay, second: FakeRelay
+) -> None:
+    gateway, api = start(gateway_factory, relay, second, url=f"http://127.0.0.1:{free_port()}/replicate")
+    with api:
+        prediction = create(api).json()
+        assert wait_terminal(api, prediction["id"])["status"] == "succeeded"
+        assert api.post(f"/predictions/{prediction['id']}/cancel").status_code == 200
+    (row,) = rows(gateway.db_url, "prediction")
+    assert row["upstream"] == "secondary"
+    assert len(second.creates()) == 1
+    assert all(call.had_key for call in second.calls)
+
+
+def test_a_throttled_primary_fails_over(gateway_factory: Any, relay: FakeRelay, second: FakeRelay) -> None:
+    _, api = start(gateway_factory, relay, second)
+    with api:
+        relay.fail_next("throttle", retry_after=30)
+        assert create(api).status_code == 201
+    assert relay.creates() == []
+    assert len(second.creates()) == 1
+
+
+@pytest.mark.parametrize(("status", "declared"), [(422, False), (500, False)])
+def test_no_failover_when_the_create_may_exist_or_the_caller_erred(
+    gateway_factory: Any, relay: FakeRelay, second: FakeRelay, status: int, declared: bool
+) -> None:
+    _, api = start(gateway_factory, relay, second, rejects_with_5xx=declared)
+    with api:
+        relay.fail_next("status", status=status, method="POST")
+        assert_problem(create(api), status)
+    assert second.calls == []
+
+
+def test_a_5xx_fails_over_when_the_upstream_is_declared_to_answer_it_before_accepting(
+    gateway_factory: Any, relay: FakeRelay, second: FakeRelay
+) -> None:
+    _, api = start(gateway_factory, relay, second, rejects_with_5xx=True)
+    with api:
+        relay.fail_next("status", status=503, method="POST")
+        assert create(api).status_code == 201
+    assert len(second.creates()) == 1
+
+
+def test_a_timeout_never_fails_over(gateway_factory: Any, relay: FakeRelay, second: FakeRelay) -> None:
+    gateway: Gateway = gateway_factory(upstreams=upstreams(relay, second), create_timeout=0.5)
+    with gateway.client(create_token(gateway.db_url, "slow")) as api:
+        relay.fail_next("hang", seconds=2, method="POST")
+        assert_problem(create(api), 504)
+    assert second.calls == []
+
+
+def test_the_breaker_opens_and_the_health_view_shows_it(
+    gateway_factory: Any, relay: FakeRelay, second: FakeRelay
+) -> None:
+    gateway, api = start(gateway_factory, relay, second, rejects_with_5xx=True)
+    with api:
+        relay.fail_next("status", status=503, count=2, method="POST")
+        create(api)
+        create(api)
+        calls_before = len(relay.calls)
+        assert create(api).status_code == 201
+        assert len(relay.calls) == calls_before, "an open circuit sends nothing to the primary"
+    with httpx.Client(base_url=gateway.url + "/admin/v1", headers={"Authorization": f"Bearer {ADMIN}"}) as admin:
+        health = {u["name"]: u for u in admin.get("/upstreams").json()["results"]}
+    assert health["primary"]["circuit"] == "open"
+    assert health["secondary"]["circuit"] == "closed"
+    assert relay.key not in repr(health)
+    assert len(second.creates()) == 3
+
+
+def test_every_breaker_open_is_503_with_retry_after(gateway_factory: Any, relay: FakeRelay) -> None:
+    gateway: Gateway = gateway_factory(
+        upstreams=[UpstreamConfig(name="only", url=relay.upstream_url, token=relay.key, rejects_with_5xx=True)],
+        breaker_threshold=1, breaker_cooldown=60)
+    with gateway.client(create_token(gateway.db_url, "alone")) as api:
+        relay.fail_next("status", status=500, method="POST")
+        assert_problem(create(api), 500)
+        refused = create(api)
+    assert_problem(refused, 503)
+    assert refused.headers["retry-after"] == "60"
+
+
+def test_model_globs_and_the_model_map_route_creates(
+    gateway_factory: Any, relay: FakeRelay, second: FakeRelay
+) -> None:
+    gateway: Gateway = gateway_factory(upstreams=[
+        UpstreamConfig(name="flux", url=relay.upstream_url, token=relay.key, models=["black-forest-labs/*"],
+                       model_map={"black-forest-labs/flux-schnell": "bfl/schnell-fast"}),
+        UpstreamConfig(name="rest", url=second.upstream_url, token=second.key, models=["meta/*"]),
+    ])
+    with gateway.client(create_token(gateway.db_url, "globs")) as api:
+        assert create(api, "black-forest-labs/flux-schnell").status_code == 201
+        assert create(api, "meta/llama").status_code == 201
+        assert_problem(create(api, "stability-ai/sdxl"), 404)
+    assert relay.creates()[0].path == "/replicate/v1/models/bfl/schnell-fast/predictions"
+    assert second.creates()[0].path == "/replicate/v1/models/meta/llama/predictions"
