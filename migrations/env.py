@@ -12,6 +12,7 @@ from app.db import make_engine
 from app.schema import Base
 
 target_metadata = Base.metadata
+MIGRATION_LOCK_ID = 7_271_961
 
 
 def _database_url() -> str:
@@ -27,6 +28,9 @@ def _run(connection: Connection) -> None:
         render_as_batch=connection.dialect.name == "sqlite",
     )
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # Replicas starting together migrate one after another, never at once.
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})")
         context.run_migrations()
 
 

@@ -41,3 +41,43 @@ def test_the_gateway_refuses_an_unmigrated_database(tmp_path: Path) -> None:
     command.upgrade(alembic_config(url), "head")
     assert asyncio.run(current()) is True
     assert shutil.which("alembic") is not None
+
+
+@pytest.mark.skipif(not POSTGRES_URL, reason="needs GATEWAY_TEST_DATABASE_URL")
+def test_replicas_migrating_at_once_take_turns() -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from sqlalchemy import text
+
+    from app.db import make_engine
+
+    admin_url = str(POSTGRES_URL)
+    scratch = admin_url.rsplit("/", 1)[0] + "/gateway_migrate_race"
+
+    async def admin(statement: str) -> None:
+        engine = make_engine(admin_url, isolation_level="AUTOCOMMIT")
+        try:
+            async with engine.connect() as connection:
+                await connection.execute(text(statement))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(admin("DROP DATABASE IF EXISTS gateway_migrate_race"))
+    asyncio.run(admin("CREATE DATABASE gateway_migrate_race"))
+    try:
+        # Separate processes, as replicas are, imported first and then released at one instant.
+        at = time.time() + 3
+        script = ("import time, app.cli, app.db, alembic.command, app.schema; "
+                  f"time.sleep(max(0, {at} - time.time())); raise SystemExit(app.cli.main(['migrate']))")
+        env = {**os.environ, "GATEWAY_DATABASE_URL": scratch}
+        runs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent)
+                for _ in range(4)]
+        results = [(run.wait(timeout=120), run.stderr.read().decode()[-300:] if run.stderr else "") for run in runs]
+        assert [code for code, _ in results] == [0, 0, 0, 0], results
+        command.check(alembic_config(scratch))
+    finally:
+        asyncio.run(admin("DROP DATABASE IF EXISTS gateway_migrate_race WITH (FORCE)"))

@@ -24,6 +24,7 @@ def test_no_secret_or_upstream_identity_leaks_anywhere(
                          ("throttle", {}), ("non_json", {}), ("redirect", {}), ("reset", {})):
         relay.fail_next(kind, **params)
         responses.append(create(api, kind=kind))
+        responses.append(create(api))  # a healthy answer between faults keeps the circuit closed
     relay.starting_seconds = 30
     pending = create(api)
     relay.fail_next("status", status=500)
