@@ -13,6 +13,8 @@ _PATTERNS = [
     re.compile(r"(?i)\b(bearer|token)\s+[A-Za-z0-9._~+/=\-]{8,}"),
     re.compile(r"\b(?:sk|r8|gw|whsec)[-_][A-Za-z0-9_\-]{6,}"),
     re.compile(r"(?i)([?&](?:key|token|api_key|access_token|signature)=)[^&\s]+"),
+    # Capability URLs (streams, archived outputs, inbound webhooks) carry their key in the path.
+    re.compile(r"(/(?:streams|outputs|webhooks/inbound)/[A-Za-z0-9]+\.)[0-9a-f]{16,}"),
 ]
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -30,7 +32,8 @@ class SecretScrubber(logging.Filter):
             text = text.replace(secret, "[redacted]")
         text = _PATTERNS[0].sub(lambda m: f"{m.group(1)} [redacted]", text)
         text = _PATTERNS[1].sub("[redacted]", text)
-        return _PATTERNS[2].sub(lambda m: f"{m.group(1)}[redacted]", text)
+        text = _PATTERNS[2].sub(lambda m: f"{m.group(1)}[redacted]", text)
+        return _PATTERNS[3].sub(lambda m: f"{m.group(1)}[redacted]", text)
 
     def _scrub_value(self, value: Any) -> Any:
         if isinstance(value, str):

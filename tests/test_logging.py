@@ -179,3 +179,14 @@ class TestThroughAHandler:
         assert set(entry) == {"ts", "level", "logger", "event", "prediction_id"}
         assert entry["level"] == "info"
         assert entry["logger"] == logger.name
+
+
+@pytest.mark.parametrize("path", [
+    "/replicate/v1/streams/abcdefghijklmnopqrstuvwxyz.0123456789abcdef0123456789abcdef01234567",
+    "/v1/outputs/abcdefghijklmnopqrstuvwxyz.0123456789abcdef0123456789abcdef01234567/out-0.webp",
+    "/v1/webhooks/inbound/abcdefghijklmnopqrstuvwxyz.0123456789abcdef0123456789abcdef01234567",
+])
+def test_capability_keys_in_paths_are_masked(path: str) -> None:
+    scrubbed = SecretScrubber().scrub(f'127.0.0.1:5000 - "GET {path} HTTP/1.1" 200')
+    assert "0123456789abcdef0123456789abcdef01234567" not in scrubbed
+    assert "abcdefghijklmnopqrstuvwxyz.[redacted]" in scrubbed
