@@ -15,7 +15,8 @@ from app.tokens.models import ApiToken
 _SCHEMES = ("bearer", "token")
 
 
-def get_state(request: Request) -> GatewayState:
+# Dependencies are `async def` even without an await: FastAPI runs plain functions in a thread pool.
+async def get_state(request: Request) -> GatewayState:
     """The app's shared state, made in the lifespan."""
     state: GatewayState = request.app.state.gateway
     return state
@@ -57,7 +58,7 @@ async def require_caller(request: Request, state: StateDep) -> Caller:
 CallerDep = Annotated[Caller, Depends(require_caller)]
 
 
-def public_base(request: Request, state: StateDep) -> str:
+async def public_base(request: Request, state: StateDep) -> str:
     """The gateway's external base URL, prefix included (`https://gw/replicate`)."""
     if state.settings.public_url:
         return state.settings.public_url

@@ -30,6 +30,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 log = logging.getLogger(__name__)
@@ -218,6 +219,11 @@ def install_error_handlers(app: FastAPI) -> None:
             error = error_class()
         return problem_response(error)
 
+    async def on_disconnect(request: Request, _: Exception) -> Response:
+        # The caller went away while sending its body: nothing was recorded, nobody reads this.
+        log.info("request.client_disconnected", extra={"path": request.url.path})
+        return problem_response(BadRequest("The client disconnected before sending the whole request"))
+
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         log.error("request.failed", exc_info=exc, extra={"path": request.url.path})
         return problem_response(GatewayError("An unexpected error occurred"))
@@ -225,4 +231,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(GatewayError, on_gateway_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(ClientDisconnect, on_disconnect)
     app.add_exception_handler(Exception, on_unexpected)

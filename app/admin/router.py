@@ -226,7 +226,7 @@ async def list_predictions(
             since=since, until=until, cursor_text=cursor,
         )
         names = await prediction_search.token_names(session, {row.token_id for row in rows})
-    public = public_base(request, state)
+    public = await public_base(request, state)
     results = [
         {**rewrite.to_client(row, public, state.key), "token": names.get(row.token_id),
          "submission": row.submission, "cost_usd": usd_text(row.cost_micros or 0),

@@ -255,3 +255,19 @@ class TestWebhookFields:
         sent = relay.creates()[0].json()
         assert "webhook" not in sent
         assert "webhook_events_filter" not in sent
+
+
+def test_a_client_that_disconnects_mid_body_leaves_nothing_and_logs_no_error(
+    gateway: Gateway, token: str, relay: FakeRelay, log_lines: list[str]
+) -> None:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", gateway.server.port)) as sock:
+        sock.sendall(b"POST /v1/models/a/b/predictions HTTP/1.1\r\nHost: x\r\n"
+                     b"Authorization: Bearer " + token.encode() + b"\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 5000\r\n\r\n{\"input\": {")
+        time.sleep(0.3)
+    time.sleep(0.5)
+    assert relay.creates() == []
+    assert rows(gateway.db_url, "prediction") == []
+    assert not [line for line in log_lines if '"level":"error"' in line]
