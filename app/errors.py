@@ -43,6 +43,7 @@ class GatewayError(Exception):
 
     status: ClassVar[int] = 500
     title: ClassVar[str] = "Internal Server Error"
+    default_detail: ClassVar[str | None] = None  # when none is given; else the title
 
     def __init__(
         self,
@@ -51,7 +52,7 @@ class GatewayError(Exception):
         headers: Mapping[str, str] | None = None,
         extra: Mapping[str, Any] | None = None,
     ) -> None:
-        self.detail = detail or self.title
+        self.detail = detail or self.default_detail or self.title
         self.headers = dict(headers or {})
         self.extra = dict(extra or {})
         super().__init__(self.detail)
@@ -142,16 +143,12 @@ class UpstreamStatus(UpstreamError):
 
 class UpstreamInvalid(UpstreamError):
     status, title = 502, "Bad Gateway"
-
-    def __init__(self, detail: str = "The upstream service returned an invalid response") -> None:
-        super().__init__(detail)
+    default_detail = "The upstream service returned an invalid response"
 
 
 class UpstreamUnavailable(UpstreamError):
     status, title = 502, "Bad Gateway"
-
-    def __init__(self, detail: str = "The upstream service could not be reached") -> None:
-        super().__init__(detail)
+    default_detail = "The upstream service could not be reached"
 
 
 class UpstreamCircuitOpen(UpstreamError):
@@ -164,9 +161,7 @@ class UpstreamCircuitOpen(UpstreamError):
 
 class UpstreamTimeout(UpstreamError):
     status, title = 504, "Gateway Timeout"
-
-    def __init__(self, detail: str = "The upstream service did not answer in time") -> None:
-        super().__init__(detail)
+    default_detail = "The upstream service did not answer in time"
 
 
 def problem_response(error: GatewayError) -> Response:

@@ -9,7 +9,6 @@ import re
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from fnmatch import fnmatchcase
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
 import httpx
@@ -19,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.columns import utcnow
 from app.config import Settings
+from app.outbound import outbound_client
 from app.outputs.models import OutputFile
 from app.predictions.models import Prediction
 from app.storage import LocalStorage, TooLarge
@@ -72,12 +72,8 @@ class OutputArchiver:
         self._key = key
         upstream_hosts = [httpx.URL(u.url).host for u in settings.effective_upstreams()]
         self._hosts = [*settings.output_hosts, *(host for host in upstream_hosts if host)]
-        self._http = httpx.AsyncClient(
-            transport=transport,
-            timeout=httpx.Timeout(60.0, connect=settings.connect_timeout),
-            follow_redirects=False,
-            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
-            trust_env=False,
+        self._http = outbound_client(
+            transport=transport, timeout=httpx.Timeout(60.0, connect=settings.connect_timeout),
         )
 
     async def aclose(self) -> None:

@@ -7,7 +7,6 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 from urllib.parse import quote
 
@@ -22,6 +21,7 @@ from app.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from app.outbound import outbound_client
 
 log = logging.getLogger(__name__)
 
@@ -87,17 +87,12 @@ class UpstreamClient:
         headers = {"User-Agent": "replicate-gateway", "Accept": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        self._http = httpx.AsyncClient(
+        self._http = outbound_client(
             base_url=self.base_url + "/",
             headers=headers,
             transport=transport,
             timeout=httpx.Timeout(request_timeout, connect=connect_timeout),
             limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
-            follow_redirects=False,
-            # A shared client must never replay one caller's upstream cookies for another
-            # (GHSA-7vwr-g6pm-9hc8): this jar accepts no cookie at all.
-            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
-            trust_env=False,
         )
         self._secrets = [s for s in (token, self.base_url, httpx.URL(self.base_url).host) if s]
 

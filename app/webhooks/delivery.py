@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
 from sqlalchemy import func, or_, select, update
@@ -18,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.columns import utcnow
 from app.config import Settings
+from app.outbound import outbound_client
 from app.webhooks import guard
 from app.webhooks.models import DeliveryStatus, WebhookDelivery
 from app.webhooks.outbox import RETRY_SCHEDULE
@@ -94,16 +94,13 @@ class Deliverer:
         self._key = key
         self._resolver = resolver
         self._clock = clock
-        # Its own client, never the upstream's: no redirects, no ambient proxies, no cookie kept
-        # (GHSA-7vwr-g6pm-9hc8), and no pooled connection reused for another webhook host.
-        self._http = httpx.AsyncClient(
+        # Its own client, never the upstream's, and no pooled connection reused for another
+        # webhook host.
+        self._http = outbound_client(
             headers={"User-Agent": "replicate-gateway"},
             transport=transport,
             timeout=httpx.Timeout(TOTAL_TIMEOUT, connect=CONNECT_TIMEOUT),
             limits=httpx.Limits(max_connections=CONCURRENCY * 2, max_keepalive_connections=0),
-            follow_redirects=False,
-            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
-            trust_env=False,
         )
 
     async def aclose(self) -> None:
