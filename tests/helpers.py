@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import httpx
+
+from tests.dbtools import rows
 
 TERMINAL = {"succeeded", "failed", "canceled"}
 
@@ -68,3 +73,23 @@ def release_together(count: int, request: Callable[[int], httpx.Response]) -> li
     for thread in threads:
         thread.join()
     return responses
+
+
+def cli(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the replicate-gateway command against a database."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env["GATEWAY_DATABASE_URL"] = db_url
+    return subprocess.run(
+        [sys.executable, "-m", "app", *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def wait_until_all_final(db_url: str, timeout: float) -> float:
+    """Seconds until every prediction in the database is final."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if all(p["status"] in TERMINAL for p in rows(db_url, "prediction")):
+            return time.monotonic() - started
+        time.sleep(0.25)
+    pending = [(p["id"], p["status"], p["submission"]) for p in rows(db_url, "prediction") if p["status"] not in TERMINAL]
+    raise AssertionError(f"still unfinished after {timeout} s: {pending}")

@@ -13,9 +13,7 @@ import orjson
 from tests.conftest import Gateway
 from tests.dbtools import create_token, rows
 from tests.fakes.relay import FakeRelay
-from tests.helpers import create, wait_terminal
-from tests.jobs.test_reconciler import wait_until_all_final
-from tests.tokens.test_auth import cli
+from tests.helpers import cli, create, wait_terminal, wait_until_all_final
 
 
 def _run_all(api: httpx.Client, jobs: list[tuple[str, dict[str, object]]]) -> None:

@@ -13,22 +13,9 @@ import pytest
 from tests.conftest import Gateway
 from tests.dbtools import create_token, rows
 from tests.fakes.relay import FakeRelay
-from tests.helpers import assert_problem, create
+from tests.helpers import TERMINAL, assert_problem, create, wait_until_all_final
 from tests.invariants import check_all, check_ledger
 from tests.processes import GatewayProcess
-
-TERMINAL = {"succeeded", "failed", "canceled"}
-
-
-def wait_until_all_final(db_url: str, timeout: float) -> float:
-    """Seconds until every prediction in the database is final."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if all(p["status"] in TERMINAL for p in rows(db_url, "prediction")):
-            return time.monotonic() - started
-        time.sleep(0.25)
-    pending = [(p["id"], p["status"], p["submission"]) for p in rows(db_url, "prediction") if p["status"] not in TERMINAL]
-    raise AssertionError(f"still unfinished after {timeout} s: {pending}")
 
 
 @pytest.fixture

@@ -11,9 +11,8 @@ import pytest
 
 from tests.dbtools import create_token, rows
 from tests.fakes.relay import FakeRelay
-from tests.helpers import release_together
+from tests.helpers import release_together, wait_until_all_final
 from tests.invariants import check_all
-from tests.jobs.test_reconciler import wait_until_all_final
 from tests.processes import GatewayProcess
 
 

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -17,16 +14,7 @@ from app.predictions.cursor import Cursor, encode
 from tests.conftest import Gateway
 from tests.dbtools import create_token, rows
 from tests.fakes.relay import FakeRelay
-from tests.helpers import assert_problem, create
-
-
-def cli(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run the replicate-gateway command against a database."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env["GATEWAY_DATABASE_URL"] = db_url
-    return subprocess.run(
-        [sys.executable, "-m", "app", *args], env=env, capture_output=True, text=True, timeout=60, check=False
-    )
+from tests.helpers import assert_problem, cli, create
 
 
 class TestAuthentication:
