@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     upstreams: list[UpstreamConfig] = Field(default_factory=list)
     breaker_threshold: int = Field(default=5, ge=1)
     breaker_cooldown: float = Field(default=30.0, gt=0)
+    # How long an authenticated token is reused without reading it again; creates re-check
+    # revocation in the database regardless, so this bounds only reads after a revocation.
+    auth_cache_seconds: float = Field(default=1.0, ge=0, le=60)
 
     @field_validator("upstream_url", "public_url")
     @classmethod

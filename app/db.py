@@ -30,6 +30,7 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
+READ_ONLY_OPTION = "gateway_read_only"
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
@@ -43,7 +44,9 @@ def make_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
     """An async engine; on SQLite, WAL and write-locking transactions (BEGIN IMMEDIATE)."""
     url = to_async_url(database_url)
     if url.startswith("sqlite"):
-        engine = create_async_engine(url, pool_size=5, max_overflow=10, **kwargs)
+        # Connections are cheap to keep and costly to open (a thread and four PRAGMAs each), and
+        # readers run side by side in WAL mode: keep enough that a burst never waits for one.
+        engine = create_async_engine(url, pool_size=20, max_overflow=40, **kwargs)
         _configure_sqlite(engine)
         return engine
     connect_args = {"server_settings": {"timezone": "UTC"}}
@@ -67,12 +70,22 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Readers take no lock in WAL mode; only sessions that may write queue for the write lock.
+        if connection.get_execution_options().get(READ_ONLY_OPTION):
+            connection.exec_driver_sql("BEGIN")
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     """Sessions that keep loaded rows usable after commit."""
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def make_read_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions for reads only: on SQLite they neither take nor wait for the write lock, so a
+    session made here must never write (its deferred transaction could not upgrade safely)."""
+    return async_sessionmaker(engine.execution_options(**{READ_ONLY_OPTION: True}), expire_on_commit=False)
 
 
 def alembic_config(database_url: str) -> Config:

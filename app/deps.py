@@ -50,9 +50,14 @@ async def require_caller(request: Request, state: StateDep) -> Caller:
     secret = presented_secret(request)
     if secret is None:
         raise Unauthenticated()
-    async with state.sessions() as session:
-        token = await token_service.authenticate(session, secret, state.key)
-    return Caller(token=token, secret=secret)
+    digest = token_service.hash_token(secret, state.key)
+    token = state.token_cache.get(digest)
+    if token is None:
+        async with state.read_sessions() as session:
+            token = await token_service.find_by_hash(session, digest)
+        if token is not None:
+            state.token_cache.put(token)
+    return Caller(token=token_service.ensure_live(token), secret=secret)
 
 
 CallerDep = Annotated[Caller, Depends(require_caller)]

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from app import __version__
 from app.admin.router import router as admin_router
 from app.config import Settings
-from app.db import make_engine, make_sessionmaker, schema_is_current
+from app.db import make_engine, make_read_sessionmaker, make_sessionmaker, schema_is_current
 from app.errors import install_error_handlers
 from app.files.router import router as files_router
 from app.jobs.reconciler import Reconciler
@@ -29,6 +29,7 @@ from app.predictions.service import PredictionService
 from app.schema import Base as _all_tables  # noqa: F401  (every table known to the ORM)
 from app.state import GatewayState
 from app.storage import LocalStorage
+from app.tokens.cache import TokenCache
 from app.tokens.service import load_instance_key
 from app.upstream.registry import Registry
 from app.webhooks.delivery import STOP_TIMEOUT as DELIVERY_STOP_TIMEOUT
@@ -78,6 +79,7 @@ def create_app(
                     "The database schema is not current; run `replicate-gateway migrate` first"
                 )
             sessions = make_sessionmaker(engine)
+            read_sessions = make_read_sessionmaker(engine)
             async with sessions() as session:
                 key = await load_instance_key(
                     session, settings.secret_key.get_secret_value() if settings.secret_key else None
@@ -87,10 +89,13 @@ def create_app(
                 settings=settings,
                 engine=engine,
                 sessions=sessions,
+                read_sessions=read_sessions,
                 registry=registry,
                 key=key,
-                predictions=PredictionService(sessions=sessions, registry=registry, settings=settings, key=key),
+                predictions=PredictionService(sessions=sessions, read_sessions=read_sessions,
+                                              registry=registry, settings=settings, key=key),
                 storage=LocalStorage(settings.storage_dir),
+                token_cache=TokenCache(settings.auth_cache_seconds),
             )
             archiver = OutputArchiver(sessions=sessions, storage=app.state.gateway.storage,
                                       settings=settings, key=key)

@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.config import Settings
 from app.storage import LocalStorage
+from app.tokens.cache import TokenCache
 
 if TYPE_CHECKING:
     from app.predictions.service import PredictionService
@@ -22,7 +23,9 @@ class GatewayState:
     settings: Settings
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
+    read_sessions: async_sessionmaker[AsyncSession]
     registry: Registry
     key: bytes
     predictions: PredictionService
     storage: LocalStorage
+    token_cache: TokenCache

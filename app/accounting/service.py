@@ -12,8 +12,9 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from app.accounting.models import EntryKind, LedgerEntry
 from app.accounting.pricing import usd_text
-from app.errors import PaymentRequired, Throttled, Unauthenticated
+from app.errors import PaymentRequired, Throttled
 from app.tokens.models import ApiToken
+from app.tokens.service import ensure_live
 
 IN_FLIGHT_RETRY_AFTER = 2
 
@@ -53,6 +54,9 @@ async def admit(session: AsyncSession, *, token_id: str, estimate_micros: int, n
         update(ApiToken)
         .where(
             ApiToken.id == token_id,
+            # Checked here as well as at sign-in: a cached token must never create after revocation.
+            ApiToken.revoked_at.is_(None),
+            or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > now),
             within_budget,
             or_(ApiToken.max_in_flight.is_(None), ApiToken.in_flight < ApiToken.max_in_flight),
             or_(ApiToken.rpm_limit.is_(None), ApiToken.rate_window != minute,
@@ -75,9 +79,7 @@ async def admit(session: AsyncSession, *, token_id: str, estimate_micros: int, n
 
 
 async def _refuse(session: AsyncSession, *, token_id: str, estimate_micros: int, now: datetime) -> None:
-    token = await session.get(ApiToken, token_id, populate_existing=True)
-    if token is None:
-        raise Unauthenticated()
+    token = ensure_live(await session.get(ApiToken, token_id, populate_existing=True))
     minute = int(now.timestamp() // 60)
     if token.rpm_limit is not None and token.rate_window == minute and token.rate_count >= token.rpm_limit:
         raise Throttled(60 - now.second, f"This token may create {token.rpm_limit} predictions a minute")

@@ -143,6 +143,7 @@ async def update_token(name_or_id: str, body: TokenLimits, state: StateDep) -> R
     """Change a token's limits; a key given as null removes that limit."""
     async with state.sessions() as session:
         token = await token_service.update_limits(session, await _token(session, name_or_id), body.columns())
+    state.token_cache.forget(token.token_hash)
     return _json(token_view(token))
 
 
@@ -150,8 +151,10 @@ async def update_token(name_or_id: str, body: TokenLimits, state: StateDep) -> R
 async def delete_token(name_or_id: str, state: StateDep) -> Response:
     """Delete a token that never made a prediction; one with a ledger must be revoked instead."""
     async with state.sessions() as session:
+        token = await _token(session, name_or_id)
+        state.token_cache.forget(token.token_hash)
         try:
-            await token_service.delete(session, await _token(session, name_or_id))
+            await token_service.delete(session, token)
         except token_service.TokenInUse:
             raise Conflict("This token has predictions or files; revoke it instead") from None
     return Response(status_code=204)
@@ -182,6 +185,7 @@ async def revoke_token(name_or_id: str, state: StateDep) -> Response:
         if token is None:
             raise NotFound("No such token")
         await token_service.revoke(session, token)
+    state.token_cache.forget(token.token_hash)
     return _json(token_view(token))
 
 

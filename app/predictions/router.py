@@ -28,6 +28,7 @@ from app.predictions import rewrite, stream
 from app.predictions.headers import valid_cancel_after, wait_seconds
 from app.predictions.models import Prediction
 from app.predictions.service import CreateTarget, PredictionService
+from app.tokens.models import ApiToken
 from app.upstream.client import UpstreamClient, UpstreamFailure
 from app.webhooks import guard
 
@@ -237,9 +238,11 @@ async def list_predictions(
 
 
 @router.get("/account")
-async def get_account(caller: CallerDep) -> Response:
+async def get_account(caller: CallerDep, state: StateDep) -> Response:
     """The caller's identity (the gateway token, never the upstream account) and its budget."""
-    token = caller.token
+    # The counters move with every create and settlement: read them now, not from the auth cache.
+    async with state.read_sessions() as session:
+        token = await session.get(ApiToken, caller.token.id) or caller.token
     return _json({
         "type": "organization", "username": token.name, "name": token.name, "github_url": None,
         **accounting.budget_view(token, utcnow()),

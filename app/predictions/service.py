@@ -15,6 +15,7 @@ import orjson
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm.attributes import set_committed_value
 
 from app.accounting import pricing
 from app.accounting import service as accounting
@@ -53,6 +54,10 @@ _MAY_FOLLOW = {
     "processing": ("starting", "processing"),
     **dict.fromkeys(TERMINAL_STATUSES, ("starting", "processing")),
 }
+
+
+class NotLinked(Exception):
+    """A create's answer could not be linked to its row (it was no longer pending and unlinked)."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,22 @@ def _may_fail_over(upstream: Upstream, failure: UpstreamFailure) -> bool:
     return upstream.config.rejects_with_5xx and isinstance(failure.error, UpstreamStatus) and status >= 500
 
 
+def _unchanged(row: Prediction, reply: UpstreamPrediction) -> bool:
+    """Whether an upstream answer would change nothing a client sees in an unfinished row."""
+    return (
+        reply.status == row.status
+        and reply.status not in TERMINAL_STATUSES
+        and reply.output == row.output
+        and reply.logs == row.logs
+        and reply.metrics == row.metrics
+        and reply.streamable == row.streamable
+        and (reply.error is None or reply.error == row.error)
+        and (reply.started_at is None or reply.started_at == row.started_at)
+        and not (row.model == UNKNOWN_MODEL and reply.model)
+        and not (row.version is None and reply.version)
+    )
+
+
 def _note_health(upstream: Upstream, error: GatewayError) -> None:
     """Failures of the upstream itself count towards its breaker; its answers to callers do not."""
     if error.status >= 500:
@@ -124,8 +145,10 @@ class PredictionService:
         registry: Registry,
         settings: Settings,
         key: bytes,
+        read_sessions: async_sessionmaker[AsyncSession] | None = None,
     ) -> None:
         self._sessions = sessions
+        self._read_sessions = read_sessions or sessions
         self._registry = registry
         self._settings = settings
         self._prices = settings.prices
@@ -263,7 +286,7 @@ class PredictionService:
             await session.commit()
 
     async def _replay(self, token: ApiToken, key: str, request_hash: str) -> Prediction | None:
-        async with self._sessions() as session:
+        async with self._read_sessions() as session:
             row = (await session.scalars(select(Prediction).where(
                 Prediction.token_id == token.id, Prediction.idempotency_key == key
             ))).first()
@@ -310,28 +333,20 @@ class PredictionService:
 
     async def _record_accepted(self, prediction: Prediction, reply: UpstreamPrediction) -> Prediction:
         now = utcnow()
-        async with self._sessions() as session:
-            try:
-                result = await session.execute(
-                    update(Prediction)
-                    .where(Prediction.id == prediction.id, Prediction.submission == Submission.PENDING,
-                           Prediction.upstream_id.is_(None))
-                    .values(upstream_id=reply.id, submission=Submission.ACCEPTED, updated_at=now,
-                            next_poll_at=now + timedelta(seconds=FIRST_POLL_SECONDS))
-                )
-                await session.commit()
-                linked = result.rowcount == 1  # type: ignore[attr-defined]
-            except IntegrityError:
-                # The upstream handed out an id we already hold for another prediction:
-                # never link two of our rows to one upstream prediction.
-                await session.rollback()
-                linked = False
-        if not linked:
+        link = {"upstream_id": reply.id, "submission": Submission.ACCEPTED,
+                "next_poll_at": now + timedelta(seconds=FIRST_POLL_SECONDS)}
+        try:
+            # Linking and the first state are one transaction: a create costs two, not three.
+            row = await self.apply_upstream_state(prediction.id, reply, first=True,
+                                                  upstream_name=prediction.upstream, link=link)
+        except (IntegrityError, NotLinked):
+            # The upstream handed out an id we already hold for another prediction:
+            # never link two of our rows to one upstream prediction.
             log.error("upstream.unlinkable_create", extra={"prediction_id": prediction.id})
             await self._record_failed_create(prediction, "invalid upstream response", maybe_sent=True)
-            raise UpstreamInvalid()
+            raise UpstreamInvalid() from None
         log.info("prediction.created", extra={"prediction_id": prediction.id, "upstream": prediction.upstream})
-        return await self.apply_upstream_state(prediction.id, reply, first=True, upstream_name=prediction.upstream)
+        return row
 
     def _outcome(self, row: Prediction, reply: UpstreamPrediction) -> accounting.Outcome:
         billable = reply.status == "succeeded" or row.bill_failures
@@ -344,13 +359,7 @@ class PredictionService:
             return accounting.Outcome(True, row.estimate_micros, f"charged at the estimate: {cost.note}")
         return accounting.Outcome(True, cost.micros)
 
-    async def apply_upstream_state(
-        self, prediction_id: str, reply: UpstreamPrediction, *, first: bool = False,
-        upstream_name: str | None = None,
-    ) -> Prediction:
-        """Record what the upstream says, as a compare-and-set that never moves status backwards;
-        a first final status is settled or released in the same transaction."""
-        now = utcnow()
+    def _state_values(self, reply: UpstreamPrediction, upstream_name: str | None, now: Any) -> dict[str, Any]:
         values: dict[str, Any] = {
             "status": reply.status,
             "output": reply.output,
@@ -369,6 +378,23 @@ class PredictionService:
                 k: (owner.client.scrub(v) if owner else "[removed]") if isinstance(v, str) else v
                 for k, v in reply.extra.items()
             }
+        return values
+
+    async def apply_upstream_state(
+        self, prediction_id: str, reply: UpstreamPrediction, *, first: bool = False,
+        upstream_name: str | None = None, link: dict[str, Any] | None = None,
+    ) -> Prediction:
+        """Record what the upstream says, as a compare-and-set that never moves status backwards;
+        a first final status is settled or released in the same transaction.
+
+        With `link`, the same update also links a pending create to its upstream prediction
+        (and only a still pending, unlinked one); NotLinked is raised when it was not."""
+        now = utcnow()
+        values = self._state_values(reply, upstream_name, now)
+        condition = [Prediction.id == prediction_id, Prediction.status.in_(_MAY_FOLLOW.get(reply.status, ()))]
+        if link is not None:
+            values.update(link)
+            condition += [Prediction.submission == Submission.PENDING, Prediction.upstream_id.is_(None)]
         terminal = reply.status in TERMINAL_STATUSES
         async with self._sessions() as session:
             row = await session.get(Prediction, prediction_id)
@@ -386,13 +412,19 @@ class PredictionService:
             previous_status = row.status
             previous_output, previous_logs = row.output, row.logs
             result = await session.execute(
-                update(Prediction)
-                .where(Prediction.id == prediction_id,
-                       Prediction.status.in_(_MAY_FOLLOW.get(reply.status, ())))
-                .values(**values)
+                update(Prediction).where(*condition).values(**values)
                 .execution_options(synchronize_session=False)
             )
             changed = result.rowcount == 1  # type: ignore[attr-defined]
+            if link is not None and not changed:
+                await session.rollback()
+                raise NotLinked()
+            if changed:
+                # The row now holds exactly `values`: no need to read it back.
+                for name, value in values.items():
+                    set_committed_value(row, name, value)
+            else:
+                await session.refresh(row)  # someone else moved it on; answer with what they wrote
             if changed and outcome is not None:
                 await accounting.close(
                     session, prediction_id=prediction_id, token_id=row.token_id,
@@ -401,7 +433,6 @@ class PredictionService:
                 log.info("prediction.finished", extra={
                     "prediction_id": prediction_id, "status": reply.status,
                     "charged_micros": outcome.amount_micros if outcome.charged else 0})
-            await session.refresh(row)
             if changed and row.webhook:
                 await outbox.record_events(session, row, previous_status=None if first else previous_status,
                                            key=self._key, now=now, previous_output=previous_output,
@@ -453,7 +484,7 @@ class PredictionService:
 
     async def by_stream_capability(self, prediction_id: str) -> Prediction | None:
         """A prediction for its stream URL (the capability was checked by the caller)."""
-        async with self._sessions() as session:
+        async with self._read_sessions() as session:
             row = await session.get(Prediction, prediction_id)
         if row is None or row.submission == Submission.REJECTED:
             return None
@@ -461,7 +492,7 @@ class PredictionService:
 
     async def owned(self, token: ApiToken, prediction_id: str) -> Prediction:
         """The caller's prediction, or NotFound (the same answer for another token's)."""
-        async with self._sessions() as session:
+        async with self._read_sessions() as session:
             row = await session.get(Prediction, prediction_id)
         if row is None or row.token_id != token.id or row.submission == Submission.REJECTED:
             raise NotFound("The requested prediction could not be found")
@@ -504,6 +535,8 @@ class PredictionService:
             log.error("upstream.mismatched_id", extra={"prediction_id": row.id})
             return row
         upstream.breaker.succeeded()
+        if _unchanged(row, reply):
+            return row  # most polls of a running prediction: nothing to write
         return await self.apply_upstream_state(row.id, reply, upstream_name=row.upstream)
 
     async def cancel(self, token: ApiToken, prediction_id: str) -> Prediction:
@@ -546,7 +579,7 @@ class PredictionService:
                 Prediction.created_at < position.created_at,
                 and_(Prediction.created_at == position.created_at, Prediction.id < position.id),
             )).order_by(*newest_first)
-        async with self._sessions() as session:
+        async with self._read_sessions() as session:
             rows = list((await session.scalars(query.limit(PAGE_SIZE + 1))).all())
         more = len(rows) > PAGE_SIZE
         rows = rows[:PAGE_SIZE]
@@ -568,6 +601,6 @@ class PredictionService:
     async def refresh(self, prediction_id: str) -> Prediction | None:
         """Refresh any token's unfinished prediction from the upstream (an inbound webhook's hint);
         the state recorded is the upstream's answer, never what the hint said."""
-        async with self._sessions() as session:
+        async with self._read_sessions() as session:
             row = await session.get(Prediction, prediction_id)
         return None if row is None else await self.refreshed(row)

@@ -163,9 +163,20 @@ async def revoke(session: AsyncSession, token: ApiToken) -> None:
 
 async def authenticate(session: AsyncSession, raw_token: str, key: bytes) -> ApiToken:
     """The live token for a presented secret, or Unauthenticated."""
-    digest = hash_token(raw_token, key)
+    return ensure_live(await find_by_hash(session, hash_token(raw_token, key)))
+
+
+async def find_by_hash(session: AsyncSession, digest: str) -> ApiToken | None:
+    """The token stored under a keyed hash, live or not."""
     token = (await session.scalars(select(ApiToken).where(ApiToken.token_hash == digest))).first()
     if token is None or not hmac.compare_digest(token.token_hash, digest):
+        return None
+    return token
+
+
+def ensure_live(token: ApiToken | None) -> ApiToken:
+    """The token itself when it may be used now, or Unauthenticated."""
+    if token is None:
         raise Unauthenticated()
     if token.revoked_at is not None:
         raise Unauthenticated("This token has been revoked")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -105,6 +106,13 @@ class TestTokenCommands:
         with gateway.client(issued["token"]) as api:
             assert api.get("/account").status_code == 200
             assert cli(gateway.db_url, "tokens", "revoke", "ops").returncode == 0
+            # Another process revoked it: creates stop at once, reads within the auth cache's second.
+            assert_problem(api.post("/models/b/c/predictions",
+                                    json={"input": {"prompt": "x"}}), 401)
+            deadline = time.monotonic() + gateway.settings.auth_cache_seconds + 1
+            while api.get("/account").status_code == 200:
+                assert time.monotonic() < deadline, "a revoked token kept working past the auth cache"
+                time.sleep(0.05)
             assert_problem(api.get("/account"), 401)
 
     def test_duplicate_name_fails_cleanly(self, gateway: Gateway) -> None:

@@ -1,0 +1,55 @@
+"""Polling a running prediction writes to the ledger only when the upstream's answer changed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from tests.conftest import Gateway
+from tests.dbtools import create_token, rows
+from tests.fakes.relay import FakeRelay
+from tests.helpers import create
+
+
+def _ledger_row(gateway: Gateway, prediction_id: str) -> dict[str, object]:
+    (row,) = [r for r in rows(gateway.db_url, "prediction") if r["id"] == prediction_id]
+    return row
+
+
+def test_an_unchanged_answer_is_not_written_again(gateway_factory: Any, relay: FakeRelay) -> None:
+    # The reconciler stays out of the way, so only the GETs could write.
+    gateway = gateway_factory(reconcile_interval=3600)
+    with gateway.client(create_token(gateway.db_url, "poller")) as api:
+        relay.starting_seconds = 0
+        relay.processing_seconds = 60  # "processing", logs "step 1/3" for 20 s
+        created = create(api)
+        assert created.status_code == 201, created.text
+        prediction_id = created.json()["id"]
+
+        first = api.get(f"/predictions/{prediction_id}").json()
+        assert first["status"] == "processing"
+        written = _ledger_row(gateway, prediction_id)
+        assert written["status"] == "processing"
+        for _ in range(3):
+            again = api.get(f"/predictions/{prediction_id}").json()
+            assert again == first
+        assert _ledger_row(gateway, prediction_id)["updated_at"] == written["updated_at"]
+        polls = [c for c in relay.calls if c.method == "GET" and "/predictions/" in c.path]
+        assert len(polls) >= 4  # every GET still asked the upstream
+
+
+def test_a_changed_answer_is_written(gateway: Gateway, api: httpx.Client, relay: FakeRelay) -> None:
+    relay.starting_seconds = 0
+    relay.processing_seconds = 0.6  # logs grow step by step, then it succeeds
+    created = create(api)
+    prediction_id = created.json()["id"]
+    seen_logs = set()
+    for _ in range(100):
+        body = api.get(f"/predictions/{prediction_id}").json()
+        seen_logs.add(body["logs"])
+        assert _ledger_row(gateway, prediction_id)["logs"] == body["logs"]
+        if body["status"] == "succeeded":
+            break
+    assert body["status"] == "succeeded"
+    assert len(seen_logs) >= 2
