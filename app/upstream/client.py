@@ -22,6 +22,7 @@ from app.errors import (
     UpstreamUnavailable,
 )
 from app.outbound import outbound_client
+from app.upstream.transport import AiohttpTransport
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +91,8 @@ class UpstreamClient:
         self._http = outbound_client(
             base_url=self.base_url + "/",
             headers=headers,
-            transport=transport,
+            transport=transport if transport is not None else AiohttpTransport(max_connections=200),
             timeout=httpx.Timeout(request_timeout, connect=connect_timeout),
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
         )
         self._secrets = [s for s in (token, self.base_url, httpx.URL(self.base_url).host) if s]
 

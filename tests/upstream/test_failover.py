@@ -105,6 +105,18 @@ def test_a_timeout_never_fails_over(gateway_factory: Any, relay: FakeRelay, seco
     assert second.calls == []
 
 
+def test_a_connection_reset_after_the_create_arrived_never_fails_over(
+    gateway_factory: Any, relay: FakeRelay, second: FakeRelay
+) -> None:
+    gateway: Gateway = gateway_factory(upstreams=upstreams(relay, second))
+    with gateway.client(create_token(gateway.db_url, "reset")) as api:
+        relay.fail_next("reset", method="POST")
+        assert_problem(create(api), 502)
+    assert second.calls == [], "the primary may have created it: sending it again could run it twice"
+    (row,) = rows(gateway.db_url, "prediction")
+    assert row["submission"] == "unknown"  # in doubt, for the reconciler; never marked refused
+
+
 def test_the_breaker_opens_and_the_health_view_shows_it(
     gateway_factory: Any, relay: FakeRelay, second: FakeRelay
 ) -> None:
