@@ -24,7 +24,7 @@ from app.upstream.schemas import InvalidUpstreamPrediction, parse_prediction
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 50
-CONCURRENCY = 8
+CONCURRENCY = 16
 FORGOTTEN_AFTER_ATTEMPTS = 3
 IDEMPOTENCY_KEY_HOURS = 24
 KEY_SWEEP_EVERY = timedelta(minutes=10)
@@ -64,6 +64,7 @@ class Reconciler:
         self._archiver = archiver
         self._lease = timedelta(seconds=settings.request_timeout + settings.connect_timeout + 5)
         self._keys_expired_at: datetime | None = None
+        self._backlog = False
 
     async def run_until(self, stop: asyncio.Event) -> None:
         """Reconcile every interval until `stop` is set; a failed pass is logged and retried.
@@ -75,19 +76,29 @@ class Reconciler:
                 await self.run_once()
             except Exception as exc:
                 log.error("reconciler.pass_failed", extra={"error": type(exc).__name__})
+            if self._backlog:
+                continue  # a full batch: more is due now, so the interval would only add lag
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self._settings.reconcile_interval)
 
     async def run_once(self) -> int:
         """One pass: poll what is due, resolve creates in doubt, expire old idempotency keys."""
+        self._backlog = False
         claims = await self._claim()
+        self._backlog = len(claims) == BATCH_SIZE
         gate = asyncio.Semaphore(CONCURRENCY)
 
         async def poll(claim: Claim) -> None:
             async with gate:
-                await self._poll(claim)
+                await self._poll_once(claim)
 
-        await asyncio.gather(*(poll(claim) for claim in claims))
+        try:
+            outcomes = await asyncio.gather(*(poll(claim) for claim in claims), return_exceptions=True)
+        finally:
+            await self._release(claims)
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):
+                log.error("reconciler.poll_failed", extra={"error": type(outcome).__name__})
         resolved = await self._resolve_in_doubt()
         await self._expire_idempotency_keys()
         if self._archiver is not None:
@@ -123,26 +134,22 @@ class Reconciler:
                 .with_for_update(skip_locked=True)
             )
             rows = (await session.execute(query)).all()
-            claims = []
             lease_until = now + self._lease
+            # One update per back-off step rather than one per row.
+            by_attempts: dict[int, list[str]] = {}
             for row in rows:
+                by_attempts.setdefault(row.poll_attempts, []).append(row.id)
+            for attempts, ids in by_attempts.items():
                 await session.execute(
-                    update(Prediction).where(Prediction.id == row.id).values(
+                    update(Prediction).where(Prediction.id.in_(ids)).values(
                         lease_until=lease_until,
-                        next_poll_at=now + self._backoff(row.poll_attempts),
-                        poll_attempts=row.poll_attempts + 1,
+                        next_poll_at=now + self._backoff(attempts),
+                        poll_attempts=attempts + 1,
                     )
                 )
-                claims.append(Claim(row.id, row.upstream, row.upstream_id, row.created_at,
-                                    row.poll_attempts + 1, lease_until))
             await session.commit()
-            return claims
-
-    async def _poll(self, claim: Claim) -> None:
-        try:
-            await self._poll_once(claim)
-        finally:
-            await self._release(claim)
+            return [Claim(row.id, row.upstream, row.upstream_id, row.created_at, row.poll_attempts + 1, lease_until)
+                    for row in rows]
 
     async def _poll_once(self, claim: Claim) -> None:
         expired = utcnow() - claim.created_at > timedelta(seconds=self._settings.max_prediction_seconds)
@@ -184,12 +191,15 @@ class Reconciler:
                 await session.commit()
         log.warning("reconciler.poll_failed", extra={"prediction_id": claim.id, "status": error.status})
 
-    async def _release(self, claim: Claim) -> None:
-        # Fenced: only our own lease is released, never one another instance took since.
+    async def _release(self, claims: list[Claim]) -> None:
+        if not claims:
+            return
+        # Fenced: only our own leases are released, never one another instance took since.
+        # Every claim of a batch shares one lease moment.
         async with self._sessions() as session:
             await session.execute(
                 update(Prediction)
-                .where(Prediction.id == claim.id, Prediction.lease_until == claim.lease_until)
+                .where(Prediction.id.in_([c.id for c in claims]), Prediction.lease_until == claims[0].lease_until)
                 .values(lease_until=None)
             )
             await session.commit()

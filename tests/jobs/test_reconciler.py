@@ -34,6 +34,21 @@ def test_predictions_nobody_polls_are_settled(quick_gateway: Gateway, relay: Fak
     check_ledger(quick_gateway.db_url, settled=True)
 
 
+def test_a_backlog_larger_than_a_batch_is_drained_in_one_interval(gateway_factory: Any, relay: FakeRelay) -> None:
+    # 130 predictions fall due together; at one batch of 50 per 8 s interval the last would wait
+    # 16 s more. A full batch means more is due, so the reconciler goes straight on.
+    gateway: Gateway = gateway_factory(reconcile_interval=8, poll_backoff_max=60)
+    relay.starting_seconds, relay.processing_seconds = 0.2, 0  # answered "starting", then done
+    with gateway.client(create_token(gateway.db_url, "backlog")) as api:
+        created = [create(api, "budget/model", i=i) for i in range(130)]
+    assert {r.json()["status"] for r in created} == {"starting"}
+    started = time.monotonic()
+    wait_until_all_final(gateway.db_url, 30)
+    assert time.monotonic() - started < 8 + 6, "the backlog waited for later intervals"
+    assert all(p["lease_until"] is None for p in rows(gateway.db_url, "prediction"))
+    check_ledger(gateway.db_url, settled=True)
+
+
 def test_a_create_in_doubt_is_failed_and_charged_at_the_estimate(
     gateway_factory: Any, relay: FakeRelay
 ) -> None:
