@@ -7,8 +7,10 @@ import hashlib
 import hmac
 import logging
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import timedelta
+from fnmatch import fnmatchcase
 from typing import Any
 
 import orjson
@@ -44,6 +46,7 @@ from app.webhooks import inbound, outbox
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 100
+FINAL_CACHE_SIZE = 2000
 FIRST_POLL_SECONDS = 2.0
 IN_DOUBT_MARGIN_SECONDS = 5.0
 UNKNOWN_MODEL = "unknown/unknown"
@@ -153,6 +156,8 @@ class PredictionService:
         self._settings = settings
         self._prices = settings.prices
         self._key = key
+        # Final predictions, which clients poll again and again, served without a database read.
+        self._finals: OrderedDict[str, Prediction] = OrderedDict()
 
     async def create(
         self,
@@ -492,15 +497,30 @@ class PredictionService:
 
     async def owned(self, token: ApiToken, prediction_id: str) -> Prediction:
         """The caller's prediction, or NotFound (the same answer for another token's)."""
-        async with self._read_sessions() as session:
-            row = await session.get(Prediction, prediction_id)
+        row = self._finals.get(prediction_id)
+        if row is None:
+            async with self._read_sessions() as session:
+                row = await session.get(Prediction, prediction_id)
         if row is None or row.token_id != token.id or row.submission == Submission.REJECTED:
             raise NotFound("The requested prediction could not be found")
         return row
 
     async def get(self, token: ApiToken, prediction_id: str) -> Prediction:
         """The caller's prediction, refreshed from the upstream unless it is already final."""
-        return await self.refreshed(await self.owned(token, prediction_id))
+        row = await self.refreshed(await self.owned(token, prediction_id))
+        if self._never_changes(row):
+            self._finals[row.id] = row
+            self._finals.move_to_end(row.id)
+            while len(self._finals) > FINAL_CACHE_SIZE:
+                self._finals.popitem(last=False)
+        return row
+
+    def _never_changes(self, row: Prediction) -> bool:
+        # A final row is fixed, except that the archiver may still swap a succeeded one's outputs.
+        if not row.is_terminal or row.submission == Submission.REJECTED:
+            return False
+        return row.status != "succeeded" or not any(
+            fnmatchcase(row.model, glob) for glob in self._settings.durable_outputs)
 
     async def wait_until_final(self, prediction: Prediction, *, deadline: float) -> Prediction:
         """Poll the upstream until the prediction is final or the loop clock reaches `deadline`,

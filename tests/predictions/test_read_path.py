@@ -1,4 +1,4 @@
-"""Polling a running prediction writes to the ledger only when the upstream's answer changed."""
+"""The read path: a poll writes only what changed, and final predictions stay private when cached."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import httpx
 from tests.conftest import Gateway
 from tests.dbtools import create_token, rows
 from tests.fakes.relay import FakeRelay
-from tests.helpers import create
+from tests.helpers import assert_problem, create, wait_terminal
 
 
 def _ledger_row(gateway: Gateway, prediction_id: str) -> dict[str, object]:
@@ -53,3 +53,15 @@ def test_a_changed_answer_is_written(gateway: Gateway, api: httpx.Client, relay:
             break
     assert body["status"] == "succeeded"
     assert len(seen_logs) >= 2
+
+
+def test_a_cached_final_prediction_is_still_only_its_owners(gateway: Gateway, api: httpx.Client) -> None:
+    prediction_id = create(api).json()["id"]
+    final = wait_terminal(api, prediction_id)
+    assert final["status"] == "succeeded"
+    for _ in range(3):  # served from the cache now: the same answer, the same privacy
+        assert api.get(f"/predictions/{prediction_id}").json() == final
+    with gateway.client(create_token(gateway.db_url, "someone-else")) as other:
+        theirs = assert_problem(other.get(f"/predictions/{prediction_id}"), 404)
+        unknown = assert_problem(other.get("/predictions/" + "z" * 26), 404)
+    assert theirs == unknown
