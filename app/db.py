@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from contextvars import ContextVar, Token
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +78,44 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+_holding_write_lock: ContextVar[bool] = ContextVar("holding_write_lock", default=False)
+
+
+class QueuedWriteSession(AsyncSession):
+    """A SQLite session that first queues on its process's write lock.
+
+    SQLite lets one writer in at a time, and a writer that finds the lock taken sleeps and
+    retries in SQLite's busy handler, on a pooled connection's thread, for up to hundreds of
+    milliseconds a try. Queuing in the event loop instead hands the lock over in arrival order
+    the moment it is free. A session opened while the task already holds the lock does not
+    queue again (that would deadlock); other processes are still kept out by SQLite itself."""
+
+    def __init__(self, *args: Any, write_lock: asyncio.Lock, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._write_lock = write_lock
+        self._holding: Token[bool] | None = None
+
+    async def __aenter__(self) -> QueuedWriteSession:
+        if not _holding_write_lock.get():
+            await self._write_lock.acquire()
+            self._holding = _holding_write_lock.set(True)
+        return self
+
+    async def __aexit__(self, type_: Any, value: Any, traceback: Any) -> None:
+        try:
+            await super().__aexit__(type_, value, traceback)
+        finally:
+            if self._holding is not None:
+                _holding_write_lock.reset(self._holding)
+                self._holding = None
+                self._write_lock.release()
+
+
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    """Sessions that keep loaded rows usable after commit."""
+    """Sessions that keep loaded rows usable after commit (queued for the write lock on SQLite)."""
+    if engine.dialect.name == "sqlite":
+        return async_sessionmaker(engine, class_=QueuedWriteSession, expire_on_commit=False,
+                                  write_lock=asyncio.Lock())
     return async_sessionmaker(engine, expire_on_commit=False)
 
 

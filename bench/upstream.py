@@ -63,6 +63,11 @@ def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+# A real upstream's timestamps are set once; one moment for all keeps every answer stable, so a
+# GET of an unchanged prediction looks unchanged to the gateway, as it would in production.
+STAMP = now()
+
+
 def prediction(pid: str, status: str, model: str, inputs: object) -> dict[str, object]:
     done = status in ("succeeded", "failed", "canceled")
     return {
@@ -75,9 +80,9 @@ def prediction(pid: str, status: str, model: str, inputs: object) -> dict[str, o
         "data_removed": False,
         "error": None,
         "status": status,
-        "created_at": now(),
-        "started_at": now() if status != "starting" else None,
-        "completed_at": now() if done else None,
+        "created_at": STAMP,
+        "started_at": STAMP if status != "starting" else None,
+        "completed_at": STAMP if done else None,
         "urls": {
             "cancel": API + pid + "/cancel",
             "get": API + pid,
