@@ -11,6 +11,7 @@ import httpx
 from fastapi import FastAPI
 
 from app import __version__
+from app.accounting import limits
 from app.admin.router import router as admin_router
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker, schema_is_current
@@ -55,6 +56,7 @@ def _secret_values(settings: Settings) -> list[str]:
                    settings.upstream_webhook_secret):
         if secret is not None:
             values.append(secret.get_secret_value())
+    values += limits.url_secrets(settings)
     return values
 
 
@@ -72,6 +74,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings.database_url)
         registry: Registry | None = None
+        redis = limits.connect(settings)
         try:
             if not await schema_is_current(engine):
                 raise SchemaOutOfDate(
@@ -89,7 +92,10 @@ def create_app(
                 sessions=sessions,
                 registry=registry,
                 key=key,
-                predictions=PredictionService(sessions=sessions, registry=registry, settings=settings, key=key),
+                predictions=PredictionService(
+                    sessions=sessions, registry=registry, settings=settings, key=key,
+                    limits=limits.SharedLimits.from_settings(settings, redis, metrics.redis_failed),
+                ),
                 storage=LocalStorage(settings.storage_dir),
             )
             archiver = OutputArchiver(sessions=sessions, storage=app.state.gateway.storage,
@@ -119,6 +125,8 @@ def create_app(
         finally:
             if registry is not None:
                 await registry.aclose()
+            if redis is not None:
+                await redis.aclose()
             await engine.dispose()
 
     app = FastAPI(
