@@ -145,6 +145,7 @@ class SharedLimits:
         None when the database has to check the limits (no Redis, or Redis failed)."""
         if self._admit is None:
             return None
+        # Tokens without limits are counted too, so a limit set later sees what already runs.
         rate_key = self.rate_key(token.id, int(now.timestamp() // 60))
         try:
             verdict = await self._admit(
