@@ -119,11 +119,11 @@ def test_a_hung_redis_delays_a_create_by_at_most_its_time_out(
 
 
 def test_redis_refusing_our_credentials_falls_back_too(
-    gateway_factory: Any, relay: FakeRelay, redis_url: str
+    gateway_factory: Any, relay: FakeRelay, redis_url: str, redis_prefix: str
 ) -> None:
     # No such user: Redis refuses the connection (its default user takes any password).
     wrong = redis_url.replace("redis://", f"redis://no-such-user:{PASSWORD}@", 1)
-    gateway: Gateway = gateway_factory(redis_url=wrong)
+    gateway: Gateway = gateway_factory(redis_url=wrong, redis_prefix=redis_prefix)
     secret = create_token(gateway.db_url, "refused", rpm_limit=2)
     same_minute()
     with gateway.client(secret) as api:
