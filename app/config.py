@@ -88,7 +88,9 @@ class UpstreamConfig(BaseModel):
 class Settings(BaseSettings):
     """Every setting of the gateway; built once and passed to `create_app`."""
 
-    model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_file=".env", extra="ignore")
+    # Inputs stay out of validation errors: several settings are secrets (URLs with passwords).
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_file=".env", extra="ignore",
+                                      hide_input_in_errors=True)
 
     database_url: str = "sqlite:///./gateway.db"
     upstream_url: str = DEFAULT_UPSTREAM_URL
@@ -126,6 +128,9 @@ class Settings(BaseSettings):
     # How long an authenticated token is reused without reading it again; creates re-check
     # revocation in the database regardless, so this bounds only reads after a revocation.
     auth_cache_seconds: float = Field(default=1.0, ge=0, le=60)
+    # Rate and in-flight limits shared through Redis; without it, through the database.
+    redis_url: SecretStr | None = None
+    redis_prefix: str = "replicate-gateway:"
 
     @field_validator("upstream_url", "public_url")
     @classmethod
@@ -135,6 +140,17 @@ class Settings(BaseSettings):
         value = value.strip().rstrip("/")
         if not value.startswith(("http://", "https://")) or "#" in value or "?" in value:
             raise ValueError("must be an absolute http(s) URL without query or fragment")
+        return value
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _redis_url(cls, value: Any) -> Any:
+        # Empty counts as unset, as compose's `${VAR:-}` gives; errors never show the value.
+        if value is None or value == "":
+            return None
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if not isinstance(text, str) or not text.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return value
 
     @model_validator(mode="after")

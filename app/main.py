@@ -11,6 +11,7 @@ import httpx
 from fastapi import FastAPI
 
 from app import __version__
+from app.accounting import limits
 from app.admin.router import router as admin_router
 from app.config import Settings
 from app.db import make_engine, make_read_sessionmaker, make_sessionmaker, schema_is_current
@@ -56,6 +57,7 @@ def _secret_values(settings: Settings) -> list[str]:
                    settings.upstream_webhook_secret):
         if secret is not None:
             values.append(secret.get_secret_value())
+    values += limits.url_secrets(settings)
     return values
 
 
@@ -73,6 +75,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings.database_url)
         registry: Registry | None = None
+        redis = limits.connect(settings)
         try:
             if not await schema_is_current(engine):
                 raise SchemaOutOfDate(
@@ -92,8 +95,10 @@ def create_app(
                 read_sessions=read_sessions,
                 registry=registry,
                 key=key,
-                predictions=PredictionService(sessions=sessions, read_sessions=read_sessions,
-                                              registry=registry, settings=settings, key=key),
+                predictions=PredictionService(
+                    sessions=sessions, read_sessions=read_sessions, registry=registry, settings=settings,
+                    key=key, limits=limits.SharedLimits.from_settings(settings, redis, metrics.redis_failed),
+                ),
                 storage=LocalStorage(settings.storage_dir),
                 token_cache=TokenCache(settings.auth_cache_seconds),
             )
@@ -124,6 +129,8 @@ def create_app(
         finally:
             if registry is not None:
                 await registry.aclose()
+            if redis is not None:
+                await redis.aclose()
             await engine.dispose()
 
     app = FastAPI(

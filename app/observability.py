@@ -49,12 +49,21 @@ class Metrics:
                                     "How late the most overdue reconciler poll is", registry=self.registry)
         self.outbox_depth = Gauge("gateway_webhook_outbox_pending", "Webhook deliveries not yet sent",
                                   registry=self.registry)
+        self.redis_errors = Counter("gateway_redis_errors_total",
+                                    "Failed Redis limit calls (admit: the database checked the limits)",
+                                    ["operation"], registry=self.registry)
+        for operation in ("admit", "undo", "release"):
+            self.redis_errors.labels(operation)
 
     def observe_upstream(self, upstream: str, operation: str, seconds: float, error: str | None) -> None:
         """Record one upstream call."""
         self.upstream_latency.labels(upstream, operation).observe(seconds)
         if error is not None:
             self.upstream_errors.labels(upstream, operation, error).inc()
+
+    def redis_failed(self, operation: str) -> None:
+        """Count one failed Redis call of the shared limits."""
+        self.redis_errors.labels(operation).inc()
 
 
 class RequestContext:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -13,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from app.config import PriceRule, Settings
 from app.db import migrate
@@ -24,6 +26,7 @@ from tests.invariants import check_all
 from tests.servers import ServerThread
 
 POSTGRES_URL = os.environ.get("GATEWAY_TEST_DATABASE_URL")
+REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL")
 DATABASES = ["sqlite", *(["postgresql"] if POSTGRES_URL else [])]
 
 # $0.003 a prediction plus $0.0012 a second of predict_time; the fake relay reports 2.5 s,
@@ -54,6 +57,27 @@ def postgres_migrated() -> str:
         pytest.skip("GATEWAY_TEST_DATABASE_URL is not set")
     migrate(POSTGRES_URL)
     return POSTGRES_URL
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The test Redis; with GATEWAY_TEST_REDIS_URL set, an unreachable one fails (never skips)."""
+    if not REDIS_URL:
+        pytest.skip("GATEWAY_TEST_REDIS_URL is not set")
+    with redis.Redis.from_url(REDIS_URL, socket_timeout=5) as client:
+        client.ping()
+    return REDIS_URL
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test's own in the shared Redis; its keys are deleted afterwards."""
+    prefix = f"replicate-gateway-test:{uuid.uuid4().hex}:"
+    yield prefix
+    with redis.Redis.from_url(redis_url) as client:
+        keys = list(client.scan_iter(match=f"{prefix}*"))
+        if keys:
+            client.delete(*keys)
 
 
 @pytest.fixture(params=DATABASES)

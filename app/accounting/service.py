@@ -37,9 +37,14 @@ def _window_after(month: str) -> ColumnElement[Any]:
     return case((ApiToken.budget_period == "month", month), else_=ApiToken.budget_window)
 
 
-async def admit(session: AsyncSession, *, token_id: str, estimate_micros: int, now: datetime) -> None:
+async def admit(
+    session: AsyncSession, *, token_id: str, estimate_micros: int, now: datetime, limits_taken: bool = False
+) -> None:
     """Reserve the estimate and take an in-flight and a rate slot in one conditional update;
-    raise 402 or 429 when any limit would be passed (nothing is then written)."""
+    raise 402 or 429 when any limit would be passed (nothing is then written).
+
+    With `limits_taken` the rate and in-flight slots were already taken in Redis: only the
+    budget is checked here, but the counters still move, so the database can take over."""
     month = month_of(now)
     minute = int(now.timestamp() // 60)
     spent = _spent_this_window(month)
@@ -50,18 +55,22 @@ async def admit(session: AsyncSession, *, token_id: str, estimate_micros: int, n
             spent + ApiToken.reserved_micros < ApiToken.budget_micros,
         ),
     )
-    statement = (
-        update(ApiToken)
-        .where(
-            ApiToken.id == token_id,
-            # Checked here as well as at sign-in: a cached token must never create after revocation.
-            ApiToken.revoked_at.is_(None),
-            or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > now),
-            within_budget,
+    conditions = [
+        ApiToken.id == token_id,
+        # Checked here as well as at sign-in: a cached token must never create after revocation.
+        ApiToken.revoked_at.is_(None),
+        or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > now),
+        within_budget,
+    ]
+    if not limits_taken:
+        conditions += [
             or_(ApiToken.max_in_flight.is_(None), ApiToken.in_flight < ApiToken.max_in_flight),
             or_(ApiToken.rpm_limit.is_(None), ApiToken.rate_window != minute,
                 ApiToken.rate_count < ApiToken.rpm_limit),
-        )
+        ]
+    statement = (
+        update(ApiToken)
+        .where(*conditions)
         .values(
             spent_micros=spent,
             budget_window=_window_after(month),
@@ -75,18 +84,33 @@ async def admit(session: AsyncSession, *, token_id: str, estimate_micros: int, n
     result = await session.execute(statement)
     if result.rowcount == 1:  # type: ignore[attr-defined]
         return
-    await _refuse(session, token_id=token_id, estimate_micros=estimate_micros, now=now)
+    await _refuse(session, token_id=token_id, estimate_micros=estimate_micros, now=now,
+                  limits_taken=limits_taken)
 
 
-async def _refuse(session: AsyncSession, *, token_id: str, estimate_micros: int, now: datetime) -> None:
+def rate_refusal(rpm_limit: int, now: datetime) -> Throttled:
+    """The 429 for a token that has made its `rpm_limit` creates this minute."""
+    return Throttled(60 - now.second, f"This token may create {rpm_limit} predictions a minute")
+
+
+def in_flight_refusal(max_in_flight: int) -> Throttled:
+    """The 429 for a token that has `max_in_flight` predictions running."""
+    return Throttled(
+        IN_FLIGHT_RETRY_AFTER, f"This token may have {max_in_flight} predictions running at once"
+    )
+
+
+async def _refuse(
+    session: AsyncSession, *, token_id: str, estimate_micros: int, now: datetime, limits_taken: bool
+) -> None:
     token = ensure_live(await session.get(ApiToken, token_id, populate_existing=True))
     minute = int(now.timestamp() // 60)
-    if token.rpm_limit is not None and token.rate_window == minute and token.rate_count >= token.rpm_limit:
-        raise Throttled(60 - now.second, f"This token may create {token.rpm_limit} predictions a minute")
-    if token.max_in_flight is not None and token.in_flight >= token.max_in_flight:
-        raise Throttled(
-            IN_FLIGHT_RETRY_AFTER, f"This token may have {token.max_in_flight} predictions running at once"
-        )
+    # With slots taken in Redis the database did not check them: only the budget can refuse.
+    if not limits_taken:
+        if token.rpm_limit is not None and token.rate_window == minute and token.rate_count >= token.rpm_limit:
+            raise rate_refusal(token.rpm_limit, now)
+        if token.max_in_flight is not None and token.in_flight >= token.max_in_flight:
+            raise in_flight_refusal(token.max_in_flight)
     budget = token.budget_micros or 0
     spent = token.spent_micros
     if token.budget_period == "month" and token.budget_window != month_of(now):

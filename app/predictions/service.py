@@ -21,6 +21,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from app.accounting import pricing
 from app.accounting import service as accounting
+from app.accounting.limits import SharedLimits
 from app.columns import utcnow
 from app.config import PriceRule, Settings
 from app.errors import (
@@ -149,6 +150,7 @@ class PredictionService:
         settings: Settings,
         key: bytes,
         read_sessions: async_sessionmaker[AsyncSession] | None = None,
+        limits: SharedLimits | None = None,
     ) -> None:
         self._sessions = sessions
         self._read_sessions = read_sessions or sessions
@@ -158,6 +160,7 @@ class PredictionService:
         self._key = key
         # Final predictions, which clients poll again and again, served without a database read.
         self._finals: OrderedDict[str, Prediction] = OrderedDict()
+        self._limits = limits if limits is not None else SharedLimits()
 
     async def create(
         self,
@@ -223,12 +226,16 @@ class PredictionService:
             webhook_events_filter=webhook_events_filter,
             public_base=public_base,
         )
+        # Rate and in-flight slots come from Redis when it answers; the database then checks
+        # only the budget, and slots it refuses (or never records) are given back.
+        held = await self._limits.take(token=token, prediction_id=prediction.id, now=now)
         # Admission, the row and its reservation commit together, before the upstream call:
         # a crash after sending leaves a row for the reconciler, never an unrecorded prediction.
         try:
             async with self._sessions() as session:
                 await accounting.admit(
-                    session, token_id=token.id, estimate_micros=prediction.estimate_micros, now=now
+                    session, token_id=token.id, estimate_micros=prediction.estimate_micros, now=now,
+                    limits_taken=held is not None,
                 )
                 session.add(prediction)
                 await session.flush()
@@ -236,12 +243,16 @@ class PredictionService:
                                          estimate_micros=prediction.estimate_micros)
                 await session.commit()
         except IntegrityError:
+            await self._limits.undo(held)
             if idempotency_key is None or request_hash is None:
                 raise
             replayed = await self._replay(token, idempotency_key, request_hash)
             if replayed is None:
                 raise Conflict("A request with this Idempotency-Key is in progress") from None
             return replayed, True
+        except BaseException:
+            await self._limits.undo(held)
+            raise
 
         # The client's webhook stays with us; the upstream may get our own inbound URL instead.
         hook = inbound.inbound_url(self._settings, self._key, prediction.id)
@@ -326,13 +337,16 @@ class PredictionService:
                             completed_at=now, updated_at=now, cost_micros=0,
                             idempotency_key=None, next_poll_at=None)
                 )
-                if result.rowcount == 1:  # type: ignore[attr-defined]
+                closed = result.rowcount == 1  # type: ignore[attr-defined]
+                if closed:
                     await accounting.close(
                         session, prediction_id=prediction.id, token_id=prediction.token_id,
                         estimate_micros=prediction.estimate_micros,
                         outcome=accounting.Outcome(charged=False, amount_micros=0), now=now,
                     )
                 await session.commit()
+            if closed:
+                await self._limits.release(prediction.token_id, prediction.id)
         log.info("prediction.create_failed", extra={
             "prediction_id": prediction.id, "maybe_sent": maybe_sent})
 
@@ -443,7 +457,9 @@ class PredictionService:
                                            key=self._key, now=now, previous_output=previous_output,
                                            previous_logs=previous_logs)
             await session.commit()
-            return row
+        if changed and outcome is not None:
+            await self._limits.release(row.token_id, prediction_id)
+        return row
 
     async def force_finish(
         self, prediction_id: str, *, status: str, reason: str, only_unlinked: bool = False
@@ -484,6 +500,7 @@ class PredictionService:
                                                previous_logs=previous_logs)
             await session.commit()
         if finished:
+            await self._limits.release(row.token_id, prediction_id)
             log.warning("prediction.force_finished", extra={"prediction_id": prediction_id, "status": status})
         return finished
 
