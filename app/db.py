@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 from contextvars import ContextVar, Token
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import MetaData, event
+from sqlalchemy import Engine, MetaData, Select, create_engine, event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -19,7 +19,8 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.pool import SingletonThreadPool
 
 from app.config import to_async_url
 
@@ -31,6 +32,7 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
+T = TypeVar("T")
 READ_ONLY_OPTION = "gateway_read_only"
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -123,6 +125,60 @@ def make_read_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSessi
     """Sessions for reads only: on SQLite they neither take nor wait for the write lock, so a
     session made here must never write (its deferred transaction could not upgrade safely)."""
     return async_sessionmaker(engine.execution_options(**{READ_ONLY_OPTION: True}), expire_on_commit=False)
+
+
+class HotReads:
+    """The two reads every API request makes (a token by its hash, a prediction by its id).
+
+    On SQLite they run on the event loop's own thread with a plain connection: a keyed read of
+    a WAL database takes tens of microseconds and never waits for a writer, while a hop to an
+    aiosqlite thread and back costs far more than the read itself. On PostgreSQL they use an
+    ordinary read session."""
+
+    def __init__(self, engine: AsyncEngine, read_sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._read_sessions = read_sessions
+        self._sync: sessionmaker[Session] | None = None
+        self._sync_engine: Engine | None = None
+        if engine.dialect.name == "sqlite":
+            self._sync_engine = create_engine(
+                engine.url.set(drivername="sqlite"), poolclass=SingletonThreadPool,
+                connect_args={"check_same_thread": True},
+            )
+            _configure_sync_sqlite_reader(self._sync_engine)
+            self._sync = sessionmaker(self._sync_engine, expire_on_commit=False)
+
+    async def get(self, entity: type[T], ident: Any) -> T | None:
+        """A row by primary key."""
+        if self._sync is not None:
+            with self._sync() as session:
+                return session.get(entity, ident)
+        async with self._read_sessions() as session:
+            return await session.get(entity, ident)
+
+    async def first(self, query: Select[Any]) -> Any:
+        """The first entity a query selects, or None."""
+        if self._sync is not None:
+            with self._sync() as session:
+                return session.scalars(query).first()
+        async with self._read_sessions() as session:
+            return (await session.scalars(query)).first()
+
+    def dispose(self) -> None:
+        """Close the loop thread's connection."""
+        if self._sync_engine is not None:
+            self._sync_engine.dispose()
+
+
+def _configure_sync_sqlite_reader(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        # A reader must never stall the event loop for long; WAL readers do not wait for
+        # writers, so this only covers the rare moment a checkpoint resets the log.
+        for pragma in ("busy_timeout=200", "query_only=ON"):
+            cursor.execute(f"PRAGMA {pragma}")
+        cursor.close()
 
 
 def alembic_config(database_url: str) -> Config:

@@ -53,8 +53,7 @@ async def require_caller(request: Request, state: StateDep) -> Caller:
     digest = token_service.hash_token(secret, state.key)
     token = state.token_cache.get(digest)
     if token is None:
-        async with state.read_sessions() as session:
-            token = await token_service.find_by_hash(session, digest)
+        token = token_service.hash_matches(await state.hot_reads.first(token_service.by_hash(digest)), digest)
         if token is not None:
             state.token_cache.put(token)
     return Caller(token=token_service.ensure_live(token), secret=secret)

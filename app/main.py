@@ -14,7 +14,13 @@ from app import __version__
 from app.accounting import limits
 from app.admin.router import router as admin_router
 from app.config import Settings
-from app.db import make_engine, make_read_sessionmaker, make_sessionmaker, schema_is_current
+from app.db import (
+    HotReads,
+    make_engine,
+    make_read_sessionmaker,
+    make_sessionmaker,
+    schema_is_current,
+)
 from app.errors import install_error_handlers
 from app.files.router import router as files_router
 from app.jobs.reconciler import Reconciler
@@ -75,6 +81,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings.database_url)
         registry: Registry | None = None
+        hot_reads: HotReads | None = None
         redis = limits.connect(settings)
         try:
             if not await schema_is_current(engine):
@@ -83,6 +90,7 @@ def create_app(
                 )
             sessions = make_sessionmaker(engine)
             read_sessions = make_read_sessionmaker(engine)
+            hot_reads = HotReads(engine, read_sessions)
             async with sessions() as session:
                 key = await load_instance_key(
                     session, settings.secret_key.get_secret_value() if settings.secret_key else None
@@ -93,10 +101,12 @@ def create_app(
                 engine=engine,
                 sessions=sessions,
                 read_sessions=read_sessions,
+                hot_reads=hot_reads,
                 registry=registry,
                 key=key,
                 predictions=PredictionService(
-                    sessions=sessions, read_sessions=read_sessions, registry=registry, settings=settings,
+                    sessions=sessions, read_sessions=read_sessions, hot_reads=hot_reads, registry=registry,
+                    settings=settings,
                     key=key, limits=limits.SharedLimits.from_settings(settings, redis, metrics.redis_failed),
                 ),
                 storage=LocalStorage(settings.storage_dir),
@@ -131,6 +141,8 @@ def create_app(
                 await registry.aclose()
             if redis is not None:
                 await redis.aclose()
+            if hot_reads is not None:
+                hot_reads.dispose()
             await engine.dispose()
 
     app = FastAPI(

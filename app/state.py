@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.config import Settings
+from app.db import HotReads
 from app.storage import LocalStorage
 from app.tokens.cache import TokenCache
 
@@ -24,6 +25,7 @@ class GatewayState:
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
     read_sessions: async_sessionmaker[AsyncSession]
+    hot_reads: HotReads
     registry: Registry
     key: bytes
     predictions: PredictionService

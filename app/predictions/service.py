@@ -24,6 +24,7 @@ from app.accounting import service as accounting
 from app.accounting.limits import SharedLimits
 from app.columns import utcnow
 from app.config import PriceRule, Settings
+from app.db import HotReads
 from app.errors import (
     Conflict,
     Forbidden,
@@ -149,11 +150,13 @@ class PredictionService:
         registry: Registry,
         settings: Settings,
         key: bytes,
-        read_sessions: async_sessionmaker[AsyncSession] | None = None,
+        hot_reads: HotReads,
+        read_sessions: async_sessionmaker[AsyncSession],
         limits: SharedLimits | None = None,
     ) -> None:
         self._sessions = sessions
-        self._read_sessions = read_sessions or sessions
+        self._read_sessions = read_sessions
+        self._hot_reads = hot_reads
         self._registry = registry
         self._settings = settings
         self._prices = settings.prices
@@ -514,10 +517,7 @@ class PredictionService:
 
     async def owned(self, token: ApiToken, prediction_id: str) -> Prediction:
         """The caller's prediction, or NotFound (the same answer for another token's)."""
-        row = self._finals.get(prediction_id)
-        if row is None:
-            async with self._read_sessions() as session:
-                row = await session.get(Prediction, prediction_id)
+        row = self._finals.get(prediction_id) or await self._hot_reads.get(Prediction, prediction_id)
         if row is None or row.token_id != token.id or row.submission == Submission.REJECTED:
             raise NotFound("The requested prediction could not be found")
         return row

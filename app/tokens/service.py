@@ -11,7 +11,7 @@ from datetime import datetime
 from fnmatch import fnmatchcase
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import Select, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -166,12 +166,21 @@ async def authenticate(session: AsyncSession, raw_token: str, key: bytes) -> Api
     return ensure_live(await find_by_hash(session, hash_token(raw_token, key)))
 
 
-async def find_by_hash(session: AsyncSession, digest: str) -> ApiToken | None:
-    """The token stored under a keyed hash, live or not."""
-    token = (await session.scalars(select(ApiToken).where(ApiToken.token_hash == digest))).first()
+def by_hash(digest: str) -> Select[Any]:
+    """The query for the token stored under a keyed hash."""
+    return select(ApiToken).where(ApiToken.token_hash == digest)
+
+
+def hash_matches(token: ApiToken | None, digest: str) -> ApiToken | None:
+    """The token when its stored hash equals `digest` (compared in constant time)."""
     if token is None or not hmac.compare_digest(token.token_hash, digest):
         return None
     return token
+
+
+async def find_by_hash(session: AsyncSession, digest: str) -> ApiToken | None:
+    """The token stored under a keyed hash, live or not."""
+    return hash_matches((await session.scalars(by_hash(digest))).first(), digest)
 
 
 def ensure_live(token: ApiToken | None) -> ApiToken:
