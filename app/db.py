@@ -11,7 +11,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, MetaData, Select, create_engine, event
+from sqlalchemy import Engine, MetaData, Select, create_engine, event, make_url
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.pool import SingletonThreadPool
 
+from app import sqlite_inline
 from app.config import to_async_url
 
 NAMING_CONVENTION = {
@@ -47,9 +48,14 @@ def make_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
     """An async engine; on SQLite, WAL and write-locking transactions (BEGIN IMMEDIATE)."""
     url = to_async_url(database_url)
     if url.startswith("sqlite"):
-        # Connections are cheap to keep and costly to open (a thread and four PRAGMAs each), and
-        # readers run side by side in WAL mode: keep enough that a burst never waits for one.
-        engine = create_async_engine(url, pool_size=20, max_overflow=40, **kwargs)
+        parsed = make_url(url)
+        # Statements run on the event loop's thread (app/sqlite_inline.py); readers run side by
+        # side in WAL mode, so keep enough connections that a burst never waits for one.
+        engine = create_async_engine(
+            url, pool_size=20, max_overflow=40,
+            async_creator=sqlite_inline.connector(parsed.database or "", uri=parsed.query.get("uri") == "true"),
+            **kwargs,
+        )
         _configure_sqlite(engine)
         return engine
     connect_args = {"server_settings": {"timezone": "UTC"}}
@@ -65,9 +71,9 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
     def _on_connect(dbapi_connection: Any, _: Any) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        for pragma in (
-            "journal_mode=WAL", "busy_timeout=10000", "foreign_keys=ON", "synchronous=NORMAL"
-        ):
+        # No busy_timeout: a lock held by another process is waited out without blocking the
+        # event loop (app/sqlite_inline.py).
+        for pragma in ("journal_mode=WAL", "foreign_keys=ON", "synchronous=NORMAL"):
             cursor.execute(f"PRAGMA {pragma}")
         cursor.close()
 
