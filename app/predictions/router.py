@@ -238,10 +238,11 @@ async def list_predictions(
 
 @router.get("/account")
 async def get_account(caller: CallerDep) -> Response:
-    """The caller's identity (the gateway token, never the upstream account) and its budget."""
+    """The caller's identity (the gateway token, never the upstream account), its group and budget."""
     token = caller.token
     return _json({
         "type": "organization", "username": token.name, "name": token.name, "github_url": None,
+        "group": token.group.name if token.group else None,
         **accounting.budget_view(token, utcnow()),
     })
 
