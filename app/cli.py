@@ -1,9 +1,10 @@
-"""The `replicate-gateway` command: serve, migrate, demo, tokens and usage."""
+"""The `replicate-gateway` command: serve, migrate, demo, tokens, groups and usage."""
 
 from __future__ import annotations
 
 import argparse
 import gc
+import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
@@ -14,10 +15,11 @@ import httpx
 import orjson
 
 from app.accounting import usage as usage_report
-from app.accounting.pricing import to_micros
+from app.accounting.pricing import ONE_PPM, to_micros
 from app.admin.router import token_view
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker, migrate, run_sync
+from app.groups import service as group_service
 from app.tokens import service as token_service
 
 DEMO_UPSTREAM_URL = "http://demo-upstream/replicate"
@@ -67,6 +69,19 @@ def _timestamp(value: str) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
+def _group_name(value: str) -> str:
+    if not re.match(group_service.NAME_PATTERN, value):
+        raise argparse.ArgumentTypeError(f"not a group name (letters, digits and ._@-): {value}")
+    return value
+
+
+def _multiplier(value: str) -> int:
+    try:
+        return group_service.parse_multiplier(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a price multiplier ({exc}): {value}") from None
+
+
 def _day(value: str) -> date:
     try:
         return date.fromisoformat(value)
@@ -96,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--max-in-flight", type=_count, metavar="N", help="predictions running at once")
     create.add_argument("--models", nargs="+", metavar="GLOB", help="owner/name globs it may run")
     create.add_argument("--expires-at", type=_timestamp, metavar="ISO")
+    create.add_argument("--group", metavar="NAME", help="the token group it belongs to")
     create.add_argument("--json", action="store_true")
     change = token_commands.add_parser("update", help="change a token's limits (`none` removes one)")
     change.add_argument("name_or_id")
@@ -107,11 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--models", nargs="+", metavar="GLOB")
     models.add_argument("--all-models", action="store_true", help="remove the model limit")
     change.add_argument("--expires-at", type=_or_clear(_timestamp), metavar="ISO|none")
+    change.add_argument("--group", metavar="NAME|none", help="move it to a group (`none`: out of any)")
     change.add_argument("--json", action="store_true")
     listing = token_commands.add_parser("list", help="list tokens")
     listing.add_argument("--json", action="store_true")
     revoke = token_commands.add_parser("revoke", help="revoke a token by name or id")
     revoke.add_argument("name_or_id")
+
+    _add_group_commands(commands)
 
     usage = commands.add_parser("usage", help="predictions and cost, grouped")
     usage.add_argument("--since", type=_day, metavar="YYYY-MM-DD")
@@ -120,6 +139,32 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=usage_report.GROUP_KEYS)
     usage.add_argument("--format", choices=("table", "csv", "json"), default="table")
     return parser
+
+
+def _add_group_commands(commands: Any) -> None:
+    groups = commands.add_parser("groups", help="create, list, update and delete token groups")
+    group_commands = groups.add_subparsers(dest="groups_command", required=True)
+    create = group_commands.add_parser("create", help="create a group")
+    create.add_argument("name", type=_group_name)
+    create.add_argument("--upstreams", nargs="+", metavar="NAME", help="upstreams its tokens may use")
+    create.add_argument("--models", nargs="+", metavar="GLOB", help="owner/name globs its tokens may run")
+    create.add_argument("--price-multiplier", type=_multiplier, metavar="X", help="e.g. 1.5 (default 1)")
+    create.add_argument("--json", action="store_true")
+    change = group_commands.add_parser("update", help="change a group")
+    change.add_argument("name_or_id")
+    change.add_argument("--name", type=_group_name, help="rename it")
+    upstreams = change.add_mutually_exclusive_group()
+    upstreams.add_argument("--upstreams", nargs="+", metavar="NAME")
+    upstreams.add_argument("--all-upstreams", action="store_true", help="remove the upstream limit")
+    models = change.add_mutually_exclusive_group()
+    models.add_argument("--models", nargs="+", metavar="GLOB")
+    models.add_argument("--all-models", action="store_true", help="remove the model limit")
+    change.add_argument("--price-multiplier", type=_multiplier, metavar="X")
+    change.add_argument("--json", action="store_true")
+    listing = group_commands.add_parser("list", help="list groups")
+    listing.add_argument("--json", action="store_true")
+    delete = group_commands.add_parser("delete", help="delete a group no token belongs to")
+    delete.add_argument("name_or_id")
 
 
 async def _with_session(settings: Settings, work: Any) -> Any:
@@ -136,12 +181,17 @@ def _tokens(settings: Settings, args: argparse.Namespace) -> int:
 
     async def create(session: Any) -> int:
         key = await token_service.load_instance_key(session, secret)
+        group = None
+        if args.group is not None:
+            group = await group_service.find(session, args.group)
+            if group is None:
+                return _fail(f"no group named {args.group!r}")
         try:
             issued = await token_service.create(
                 session, key=key, name=args.name, model_globs=args.models,
                 budget_micros=args.budget, expires_at=args.expires_at,
                 budget_period="month" if args.budget_period == "month" else None,
-                rpm_limit=args.rpm, max_in_flight=args.max_in_flight,
+                rpm_limit=args.rpm, max_in_flight=args.max_in_flight, group=group,
             )
         except token_service.TokenNameTaken:
             return _fail(f"a token named {args.name!r} already exists")
@@ -186,12 +236,93 @@ def _tokens(settings: Settings, args: argparse.Namespace) -> int:
             changes["model_globs"] = args.models
         elif args.all_models:
             changes["model_globs"] = None
+        if args.group is not None and args.group.lower() == CLEAR:
+            changes["group_id"] = None
+        elif args.group is not None:
+            group = await group_service.find(session, args.group)
+            if group is None:
+                return _fail(f"no group named {args.group!r}")
+            changes["group_id"] = group.id
         token = await token_service.update_limits(session, token, changes)
         view = token_view(token)
         _print(orjson.dumps(view).decode() if args.json else f"Updated token {token.name} ({token.id}).")
         return 0
 
     work = {"create": create, "list": listing, "revoke": revoke, "update": change}[args.tokens_command]
+    result: int = run_sync(_with_session(settings, work))
+    return result
+
+
+def _groups(settings: Settings, args: argparse.Namespace) -> int:
+    # Upstream names are checked against the configured ones, as the admin API checks them.
+    known = {upstream.name for upstream in settings.effective_upstreams()}
+    named = getattr(args, "upstreams", None) or []
+    unknown = [named[i] for i in group_service.unknown_upstreams(named, known)]
+    if unknown:
+        return _fail(f"no upstream named {', '.join(map(repr, unknown))} is configured "
+                     f"(configured: {', '.join(sorted(known))})")
+
+    async def create(session: Any) -> int:
+        try:
+            group = await group_service.create(
+                session, name=args.name, upstreams=args.upstreams, model_globs=args.models,
+                price_multiplier_ppm=args.price_multiplier or ONE_PPM,
+            )
+        except group_service.GroupNameTaken:
+            return _fail(f"a group named {args.name!r} already exists")
+        view = group_service.group_view(group, 0)
+        _print(orjson.dumps(view).decode() if args.json else f"Created group {group.name} ({group.id}).")
+        return 0
+
+    async def listing(session: Any) -> int:
+        counts = await group_service.token_counts(session)
+        rows = [group_service.group_view(g, counts.get(g.id, 0)) for g in await group_service.list_all(session)]
+        if args.json:
+            _print(orjson.dumps(rows).decode())
+            return 0
+        _print(f"{'NAME':24} {'ID':26} {'MULTIPLIER':10} {'TOKENS':6} {'UPSTREAMS':20} MODELS")
+        for row in rows:
+            _print(f"{row['name']:24} {row['id']:26} {row['price_multiplier']:10} {row['tokens']:<6} "
+                   f"{','.join(row['upstreams'] or ['*']):20} {','.join(row['models'] or ['*'])}")
+        return 0
+
+    async def change(session: Any) -> int:
+        group = await group_service.find(session, args.name_or_id)
+        if group is None:
+            return _fail(f"no group named {args.name_or_id!r}")
+        changes: dict[str, Any] = {}
+        if args.name is not None:
+            changes["name"] = args.name
+        if args.upstreams:
+            changes["upstreams"] = args.upstreams
+        elif args.all_upstreams:
+            changes["upstreams"] = None
+        if args.models:
+            changes["model_globs"] = args.models
+        elif args.all_models:
+            changes["model_globs"] = None
+        if args.price_multiplier is not None:
+            changes["price_multiplier_ppm"] = args.price_multiplier
+        try:
+            group = await group_service.update_group(session, group, changes)
+        except group_service.GroupNameTaken:
+            return _fail(f"a group named {args.name!r} already exists")
+        view = group_service.group_view(group, (await group_service.token_counts(session)).get(group.id, 0))
+        _print(orjson.dumps(view).decode() if args.json else f"Updated group {group.name} ({group.id}).")
+        return 0
+
+    async def delete(session: Any) -> int:
+        group = await group_service.find(session, args.name_or_id)
+        if group is None:
+            return _fail(f"no group named {args.name_or_id!r}")
+        try:
+            await group_service.delete(session, group)
+        except group_service.GroupInUse:
+            return _fail(f"tokens belong to group {group.name!r}; move them to another group first")
+        _print(f"Deleted group {group.name} ({group.id}).")
+        return 0
+
+    work = {"create": create, "list": listing, "update": change, "delete": delete}[args.groups_command]
     result: int = run_sync(_with_session(settings, work))
     return result
 
@@ -274,6 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "tokens":
         return _tokens(settings, args)
+    if args.command == "groups":
+        return _groups(settings, args)
     return _usage(settings, args)
 
 

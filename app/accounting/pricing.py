@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation, localcontext
 from fnmatch import fnmatchcase
 from typing import Any
 
 from app.config import PriceRule
 
 MICROS_PER_USD = Decimal(1_000_000)
+ONE_PPM = 1_000_000  # a price multiplier of 1.0, in parts per million
 BILLED_STATUSES = frozenset({"succeeded"})
 
 
@@ -47,9 +48,12 @@ def _metric(metrics: dict[str, Any] | None, name: str) -> Decimal | None:
     return amount if amount.is_finite() and amount >= 0 else None
 
 
-def to_micros(usd: Decimal) -> int:
-    """USD to micro-dollars, rounded half up once."""
-    return int((usd * MICROS_PER_USD).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+def to_micros(usd: Decimal, ppm: int = ONE_PPM) -> int:
+    """USD, times a multiplier in parts per million, to micro-dollars, rounded half up once."""
+    with localcontext() as context:
+        # Enough digits that the product is exact and the one rounding is the quantize below.
+        context.prec = 100
+        return int((usd * MICROS_PER_USD * ppm / ONE_PPM).quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
 def usd_text(micros: int) -> str:
@@ -59,13 +63,14 @@ def usd_text(micros: int) -> str:
     return f"{sign}{whole}.{frac:06d}"
 
 
-def estimate_of(rule: PriceRule | None, default: Decimal) -> int:
-    """Micro-dollars to reserve: the rule's `estimate`, else its fixed parts (one output)."""
+def estimate_of(rule: PriceRule | None, default: Decimal, ppm: int = ONE_PPM) -> int:
+    """Micro-dollars to reserve: the rule's `estimate`, else its fixed parts (one output), times
+    the multiplier `ppm`."""
     if rule is None:
-        return to_micros(default)
+        return to_micros(default, ppm)
     if rule.estimate is not None:
-        return to_micros(rule.estimate)
-    return to_micros((rule.per_prediction or Decimal(0)) + (rule.per_output or Decimal(0)))
+        return to_micros(rule.estimate, ppm)
+    return to_micros((rule.per_prediction or Decimal(0)) + (rule.per_output or Decimal(0)), ppm)
 
 
 def cost_of(
@@ -74,8 +79,9 @@ def cost_of(
     status: str,
     output: Any,
     metrics: dict[str, Any] | None,
+    ppm: int = ONE_PPM,
 ) -> Cost:
-    """What a prediction that ended in `status` costs under `rule`."""
+    """What a prediction that ended in `status` costs under `rule`, times the multiplier `ppm`."""
     if status not in BILLED_STATUSES and not (rule is not None and rule.bill_failures):
         return Cost(0)
     if rule is None:
@@ -99,4 +105,4 @@ def cost_of(
         else:
             total += price * amount
     note = f"metrics missing: {', '.join(missing)}" if missing else None
-    return Cost(to_micros(total), note)
+    return Cost(to_micros(total, ppm), note)

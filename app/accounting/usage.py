@@ -1,4 +1,4 @@
-"""Usage reports: prediction counts and cost, grouped by token, model and day."""
+"""Usage reports: prediction counts and cost, grouped by token, model, day and token group."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.accounting.pricing import usd_text
+from app.groups.models import TokenGroup
 from app.predictions.models import Prediction, Submission
 from app.tokens.models import ApiToken
 
-GROUP_KEYS = ("token", "model", "day")
+GROUP_KEYS = ("token", "model", "day", "group")
 
 
 async def report(
@@ -25,7 +26,8 @@ async def report(
     until: date | None = None,
     group_by: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Counts and exact USD costs per group; `until` is inclusive, days are UTC."""
+    """Counts and exact USD costs per group; `until` is inclusive, days are UTC; `group` is the
+    token's group now (null for none)."""
     unknown = [key for key in group_by if key not in GROUP_KEYS]
     if unknown:
         raise ValueError(f"cannot group by {', '.join(unknown)}")
@@ -34,6 +36,7 @@ async def report(
         "token": ApiToken.name,
         "model": Prediction.model,
         "day": func.date(Prediction.created_at),
+        "group": TokenGroup.name,
     }
     selected: list[Any] = [columns[key].label(key) for key in keys]
     query = (
@@ -41,13 +44,16 @@ async def report(
         .join(ApiToken, ApiToken.id == Prediction.token_id)
         .where(Prediction.submission != Submission.REJECTED)
     )
+    if "group" in keys:
+        query = query.outerjoin(TokenGroup, TokenGroup.id == ApiToken.group_id)
     if since is not None:
         query = query.where(Prediction.created_at >= datetime.combine(since, time(), UTC))
     if until is not None:
         end = datetime.combine(until + timedelta(days=1), time(), UTC)
         query = query.where(Prediction.created_at < end)
     if selected:
-        query = query.group_by(*selected).order_by(*selected)
+        # Nulls (no group) last on both databases.
+        query = query.group_by(*selected).order_by(*(column.asc().nulls_last() for column in selected))
     rows = []
     total_count = 0
     total_micros = 0
@@ -56,7 +62,8 @@ async def report(
         count, micros = int(values[-2]), int(values[-1])
         if not selected and count == 0:
             continue
-        row: dict[str, Any] = {key: str(value) for key, value in zip(keys, values, strict=False)}
+        row: dict[str, Any] = {key: None if value is None else str(value)
+                               for key, value in zip(keys, values, strict=False)}
         row.update({"predictions": count, "cost_usd": usd_text(micros)})
         rows.append(row)
         total_count += count
@@ -84,7 +91,7 @@ def as_table(result: dict[str, Any]) -> str:
     if not fields:
         fields = ["predictions", "cost_usd"]
     total = result["total"]
-    lines = [[str(row[f]) for f in fields] for row in rows]
+    lines = [["-" if row[f] is None else str(row[f]) for f in fields] for row in rows]
     footer = ["TOTAL" if i == 0 and len(fields) > 2 else "" for i in range(len(fields) - 2)]
     footer += [str(total["predictions"]), total["cost_usd"]]
     table = [fields, *lines, footer]

@@ -1,4 +1,4 @@
-"""Admin routes under /admin/v1: tokens and usage, for the holder of GATEWAY_ADMIN_TOKEN."""
+"""Admin routes under /admin/v1: tokens, groups and usage, for the holder of GATEWAY_ADMIN_TOKEN."""
 
 from __future__ import annotations
 
@@ -16,10 +16,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.accounting import service as accounting
 from app.accounting import usage as usage_report
-from app.accounting.pricing import to_micros, usd_text
+from app.accounting.pricing import ONE_PPM, to_micros, usd_text
 from app.columns import utcnow
 from app.deps import StateDep, presented_secret, public_base
-from app.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthenticated
+from app.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthenticated, ValidationFailed
+from app.groups import service as group_service
+from app.groups.models import TokenGroup
 from app.predictions import rewrite
 from app.predictions import search as prediction_search
 from app.tokens import service as token_service
@@ -56,6 +58,7 @@ class TokenLimits(BaseModel):
     rpm_limit: int | None = Field(default=None, ge=1)
     max_in_flight: int | None = Field(default=None, ge=1)
     expires_at: datetime | None = None
+    group: str | None = Field(default=None, min_length=1, max_length=100)  # name or id
 
     @field_validator("budget_usd", mode="before")
     @classmethod
@@ -109,6 +112,7 @@ def token_view(token: ApiToken) -> dict[str, Any]:
         "name": token.name,
         "prefix": token.display_prefix,
         "models": token.model_globs,
+        "group": token.group.name if token.group else None,
         **accounting.budget_view(token, utcnow()),
         "created_at": token.created_at.isoformat(),
         "expires_at": token.expires_at.isoformat() if token.expires_at else None,
@@ -140,9 +144,14 @@ async def get_token(name_or_id: str, state: StateDep) -> Response:
 
 @router.patch("/tokens/{name_or_id}")
 async def update_token(name_or_id: str, body: TokenLimits, state: StateDep) -> Response:
-    """Change a token's limits; a key given as null removes that limit."""
+    """Change a token's limits or group; a key given as null removes that limit or group."""
     async with state.sessions() as session:
-        token = await token_service.update_limits(session, await _token(session, name_or_id), body.columns())
+        token = await _token(session, name_or_id)
+        changes = body.columns()
+        if "group" in body.model_fields_set:
+            group = await _named_group(session, body.group)
+            changes["group_id"] = group.id if group else None
+        token = await token_service.update_limits(session, token, changes)
     state.token_cache.forget(token.token_hash)
     return _json(token_view(token))
 
@@ -165,12 +174,13 @@ async def create_token(body: TokenCreate, state: StateDep) -> Response:
     """Create a token; the response is the only place its secret ever appears."""
     async with state.sessions() as session:
         limits = body.columns()
+        group = await _named_group(session, body.group)
         try:
             issued = await token_service.create(
                 session, key=state.key, name=body.name, model_globs=limits.get("model_globs"),
                 budget_micros=limits.get("budget_micros"), expires_at=body.expires_at,
                 budget_period=limits.get("budget_period"), rpm_limit=body.rpm_limit,
-                max_in_flight=body.max_in_flight,
+                max_in_flight=body.max_in_flight, group=group,
             )
         except token_service.TokenNameTaken:
             raise BadRequest(f"A token named {body.name} already exists") from None
@@ -187,6 +197,144 @@ async def revoke_token(name_or_id: str, state: StateDep) -> Response:
         await token_service.revoke(session, token)
     state.token_cache.forget(token.token_hash)
     return _json(token_view(token))
+
+
+async def _named_group(session: AsyncSession, name_or_id: str | None) -> TokenGroup | None:
+    """The group a token body names (None for none); 422 when there is no such group."""
+    if name_or_id is None:
+        return None
+    group = await group_service.find(session, name_or_id)
+    if group is None:
+        raise ValidationFailed([{"type": "not_found", "field": "group",
+                                 "description": f"there is no group named {name_or_id}"}])
+    return group
+
+
+UpstreamName = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class GroupLimits(BaseModel):
+    """What a group limits; null means every upstream, every model, or a multiplier of 1."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    upstreams: list[UpstreamName] | None = Field(default=None, min_length=1, max_length=100)
+    models: list[Glob] | None = Field(default=None, min_length=1, max_length=100)
+    price_multiplier: Decimal | None = None
+
+    @field_validator("price_multiplier", mode="before")
+    @classmethod
+    def _exact_multiplier(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        group_service.parse_multiplier(value)  # its ValueError becomes a 422 naming the field
+        return Decimal(str(value).strip())
+
+    def columns(self, known_upstreams: set[str]) -> dict[str, Any]:
+        """The group columns for the fields that were given; 422 for an unknown upstream."""
+        values: dict[str, Any] = {}
+        fields = self.model_fields_set
+        if "upstreams" in fields:
+            if self.upstreams is not None:
+                unknown = group_service.unknown_upstreams(self.upstreams, known_upstreams)
+                if unknown:
+                    raise ValidationFailed([
+                        {"type": "unknown_upstream", "field": f"upstreams.{i}",
+                         "description": f"no upstream named {self.upstreams[i]} is configured"}
+                        for i in unknown
+                    ])
+            values["upstreams"] = self.upstreams
+        if "models" in fields:
+            values["model_globs"] = self.models
+        if "price_multiplier" in fields:
+            values["price_multiplier_ppm"] = (ONE_PPM if self.price_multiplier is None
+                                              else group_service.parse_multiplier(self.price_multiplier))
+        return values
+
+
+GroupName = Annotated[str, Field(min_length=1, max_length=100, pattern=group_service.NAME_PATTERN)]
+
+
+class GroupCreate(GroupLimits):
+    """A group to create."""
+
+    name: GroupName
+
+
+class GroupUpdate(GroupLimits):
+    """Changes to a group; `name` renames it."""
+
+    name: GroupName | None = None
+
+
+def _configured(state: StateDep) -> set[str]:
+    return {upstream.name for upstream in state.registry.all}
+
+
+async def _group(session: AsyncSession, name_or_id: str) -> TokenGroup:
+    group = await group_service.find(session, name_or_id)
+    if group is None:
+        raise NotFound("No such group")
+    return group
+
+
+@router.get("/groups")
+async def list_groups(state: StateDep) -> Response:
+    """Every group with its limits, multiplier and number of tokens."""
+    async with state.sessions() as session:
+        groups = await group_service.list_all(session)
+        counts = await group_service.token_counts(session)
+    return _json({"results": [group_service.group_view(g, counts.get(g.id, 0)) for g in groups]})
+
+
+@router.post("/groups", status_code=201)
+async def create_group(body: GroupCreate, state: StateDep) -> Response:
+    """Create a group; its upstreams must be configured ones."""
+    values = body.columns(_configured(state))
+    async with state.sessions() as session:
+        try:
+            group = await group_service.create(session, name=body.name, **values)
+        except group_service.GroupNameTaken:
+            raise BadRequest(f"A group named {body.name} already exists") from None
+    return _json(group_service.group_view(group, 0), 201)
+
+
+@router.get("/groups/{name_or_id}")
+async def get_group(name_or_id: str, state: StateDep) -> Response:
+    """One group."""
+    async with state.sessions() as session:
+        group = await _group(session, name_or_id)
+        counts = await group_service.token_counts(session)
+    return _json(group_service.group_view(group, counts.get(group.id, 0)))
+
+
+@router.patch("/groups/{name_or_id}")
+async def update_group(name_or_id: str, body: GroupUpdate, state: StateDep) -> Response:
+    """Change a group; running predictions keep the multiplier they were created with."""
+    values = body.columns(_configured(state))
+    if "name" in body.model_fields_set:
+        if body.name is None:
+            raise ValidationFailed([{"type": "required", "field": "name", "description": "cannot be null"}])
+        values["name"] = body.name
+    async with state.sessions() as session:
+        try:
+            group = await group_service.update_group(session, await _group(session, name_or_id), values)
+        except group_service.GroupNameTaken:
+            raise BadRequest(f"A group named {body.name} already exists") from None
+        counts = await group_service.token_counts(session)
+    state.token_cache.clear()  # cached tokens carry their group: none may keep the old one
+    return _json(group_service.group_view(group, counts.get(group.id, 0)))
+
+
+@router.delete("/groups/{name_or_id}", status_code=204)
+async def delete_group(name_or_id: str, state: StateDep) -> Response:
+    """Delete a group no token belongs to (409 otherwise: move or revoke its tokens first)."""
+    async with state.sessions() as session:
+        try:
+            await group_service.delete(session, await _group(session, name_or_id))
+        except group_service.GroupInUse:
+            raise Conflict("Tokens belong to this group; move them to another group first") from None
+    return Response(status_code=204)
 
 
 @router.get("/usage")
@@ -234,7 +382,8 @@ async def list_predictions(
     results = [
         {**rewrite.to_client(row, public, state.key), "token": names.get(row.token_id),
          "submission": row.submission, "cost_usd": usd_text(row.cost_micros or 0),
-         "estimate_usd": usd_text(row.estimate_micros), "cost_note": row.cost_note}
+         "estimate_usd": usd_text(row.estimate_micros), "cost_note": row.cost_note,
+         "price_multiplier": group_service.multiplier_text(row.price_multiplier_ppm)}
         for row in rows
     ]
     next_url = None

@@ -18,6 +18,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
+from app.accounting.pricing import ONE_PPM
 from app.columns import UTCDateTime, utcnow
 from app.db import Base
 
@@ -71,6 +72,9 @@ class Prediction(Base):
     cost_note: Mapped[str | None] = mapped_column(String(255), default=None)
     estimate_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     bill_failures: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    # The token group's multiplier when it was created (parts per million), so a later change to
+    # the group never re-prices it; the estimate above already includes it.
+    price_multiplier_ppm: Mapped[int] = mapped_column(Integer, default=ONE_PPM, server_default=str(ONE_PPM))
     # After this moment a create with no upstream answer is in doubt, not in flight.
     submit_deadline: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     # Reconciler schedule and lease; NULL next_poll_at means nothing left to do.

@@ -29,6 +29,7 @@ from app.predictions.headers import valid_cancel_after, wait_seconds
 from app.predictions.models import Prediction
 from app.predictions.service import CreateTarget, PredictionService
 from app.tokens.models import ApiToken
+from app.tokens.service import WITH_GROUP
 from app.upstream.client import UpstreamClient, UpstreamFailure
 from app.webhooks import guard
 
@@ -239,12 +240,13 @@ async def list_predictions(
 
 @router.get("/account")
 async def get_account(caller: CallerDep, state: StateDep) -> Response:
-    """The caller's identity (the gateway token, never the upstream account) and its budget."""
+    """The caller's identity (the gateway token, never the upstream account), its group and budget."""
     # The counters move with every create and settlement: read them now, not from the auth cache.
     async with state.read_sessions() as session:
-        token = await session.get(ApiToken, caller.token.id) or caller.token
+        token = await session.get(ApiToken, caller.token.id, options=[WITH_GROUP]) or caller.token
     return _json({
         "type": "organization", "username": token.name, "name": token.name, "github_url": None,
+        "group": token.group.name if token.group else None,
         **accounting.budget_view(token, utcnow()),
     })
 

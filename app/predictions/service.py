@@ -36,6 +36,7 @@ from app.errors import (
     UpstreamUnavailable,
     ValidationFailed,
 )
+from app.groups import service as groups
 from app.predictions import cursor as cursors
 from app.predictions.models import TERMINAL_STATUSES, Prediction, Submission
 from app.tokens.models import ApiToken
@@ -189,6 +190,9 @@ class PredictionService:
             raise Forbidden(
                 "This token is limited to some models; give the version as owner/name:version_id"
             )
+        # The group was loaded with the token: its limits and multiplier as of this request.
+        group = token.group
+        groups.check_model(group, target.model)
         forwarded = {**body, "input": redact_secret(body["input"], caller_secret)}
         # What the caller sent (before its file URLs were resolved) is what we keep and compare.
         recorded = redact_secret(caller_input if caller_input is not None else body["input"], caller_secret)
@@ -204,6 +208,9 @@ class PredictionService:
         candidates = self._registry.candidates(target.model)
         if not candidates:
             raise NotFound(f"No upstream serves {target.model}")
+        # Failover walks this list only, so it never leaves the group's upstreams.
+        candidates = groups.allowed_upstreams(group, candidates, target.model)
+        ppm = groups.multiplier_of(group)
         rule = pricing.find_rule(self._prices, target.model) if target.model else None
         now = utcnow()
         in_doubt_after = (self._settings.connect_timeout + self._settings.create_timeout
@@ -220,7 +227,8 @@ class PredictionService:
             input=reduce_data_uris(recorded),
             created_at=now,
             updated_at=now,
-            estimate_micros=pricing.estimate_of(rule, self._settings.default_estimate),
+            estimate_micros=pricing.estimate_of(rule, self._settings.default_estimate, ppm),
+            price_multiplier_ppm=ppm,
             bill_failures=(rule is not None and rule.bill_failures) or candidates[0].config.bill_failures,
             submit_deadline=now + timedelta(seconds=in_doubt_after),
             idempotency_key=idempotency_key,
@@ -375,7 +383,9 @@ class PredictionService:
         if not billable:
             return accounting.Outcome(charged=False, amount_micros=0)
         rule = pricing.find_rule(self._prices, reply.model or row.model)
-        cost = pricing.cost_of(rule, status=reply.status, output=reply.output, metrics=reply.metrics)
+        # Priced with the multiplier recorded at create time, never the group's current one.
+        cost = pricing.cost_of(rule, status=reply.status, output=reply.output, metrics=reply.metrics,
+                               ppm=row.price_multiplier_ppm)
         if cost.note is not None:
             # Unknown cost is charged at the estimate and flagged, never silently at zero.
             return accounting.Outcome(True, row.estimate_micros, f"charged at the estimate: {cost.note}")

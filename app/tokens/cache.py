@@ -14,7 +14,7 @@ class TokenCache:
     What a stale entry can do is bounded: a create is admitted by a guarded update that
     re-checks revocation and expiry in the database, so only reads of a token's own
     predictions can outlive a revocation, by at most `ttl` seconds (zero turns caching off).
-    Changes made through this process (admin API) forget the entry at once."""
+    Changes made through this process (admin API) forget the entries at once."""
 
     def __init__(self, ttl: float, max_entries: int = 10_000) -> None:
         self._ttl = ttl
@@ -44,3 +44,7 @@ class TokenCache:
     def forget(self, token_hash: str) -> None:
         """Drop a token whose row just changed."""
         self._entries.pop(token_hash, None)
+
+    def clear(self) -> None:
+        """Drop every token, when something many of them carry (a group) changed."""
+        self._entries.clear()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, BigInteger, Integer, String
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.columns import UTCDateTime, utcnow
 from app.db import Base
+from app.groups.models import TokenGroup
 
 
 class ApiToken(Base):
@@ -35,6 +36,13 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    # No ON DELETE clause: SQLite adds this reference to a table in use, where it keeps no options;
+    # deleting a group that tokens still use is refused either way.
+    group_id: Mapped[str | None] = mapped_column(
+        ForeignKey("token_group.id"), default=None, index=True
+    )
+    # Loaded explicitly (joined) by the token service's queries; never lazily, which async forbids.
+    group: Mapped[TokenGroup | None] = relationship(lazy="raise")
 
 
 class InstanceKey(Base):

@@ -14,15 +14,19 @@ from typing import Any
 from sqlalchemy import Select, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import joinedload
 
 from app.columns import utcnow
 from app.errors import Unauthenticated
 from app.files.models import StoredFile
+from app.groups.models import TokenGroup
 from app.predictions.models import Prediction
 from app.tokens.models import ApiToken, InstanceKey
 
 TOKEN_PREFIX = "gw_"  # noqa: S105  (a public prefix, not a secret)
 INSTANCE_KEY_ID = 1
+# Every token is loaded with its group in the same query: creates need the group's limits.
+WITH_GROUP = joinedload(ApiToken.group)
 
 
 def new_id() -> str:
@@ -82,6 +86,7 @@ async def create(
     budget_period: str | None = None,
     rpm_limit: int | None = None,
     max_in_flight: int | None = None,
+    group: TokenGroup | None = None,
 ) -> IssuedToken:
     """Create a token and return it with its one-time secret."""
     secret = new_secret_token()
@@ -97,6 +102,7 @@ async def create(
         max_in_flight=max_in_flight,
         expires_at=expires_at,
         created_at=utcnow(),
+        group=group,
     )
     session.add(row)
     try:
@@ -107,7 +113,8 @@ async def create(
     return IssuedToken(row=row, secret=secret)
 
 
-UPDATABLE = frozenset({"budget_micros", "budget_period", "rpm_limit", "max_in_flight", "model_globs", "expires_at"})
+UPDATABLE = frozenset({"budget_micros", "budget_period", "rpm_limit", "max_in_flight", "model_globs", "expires_at",
+                       "group_id"})
 
 
 async def update_limits(session: AsyncSession, token: ApiToken, changes: dict[str, Any]) -> ApiToken:
@@ -119,7 +126,7 @@ async def update_limits(session: AsyncSession, token: ApiToken, changes: dict[st
     if changes:
         await session.execute(update(ApiToken).where(ApiToken.id == token.id).values(**changes))
         await session.commit()
-    refreshed = await session.get(ApiToken, token.id, populate_existing=True)
+    refreshed = await session.get(ApiToken, token.id, populate_existing=True, options=[WITH_GROUP])
     if refreshed is None:
         raise LookupError(token.id)
     return refreshed
@@ -141,7 +148,7 @@ async def delete(session: AsyncSession, token: ApiToken) -> None:
 
 async def list_all(session: AsyncSession, search: str | None = None) -> list[ApiToken]:
     """Every token, oldest first; `search` matches part of the name literally."""
-    query = select(ApiToken).order_by(ApiToken.created_at)
+    query = select(ApiToken).options(WITH_GROUP).order_by(ApiToken.created_at)
     if search:
         escaped = search[:100].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         query = query.where(ApiToken.name.like(f"%{escaped}%", escape="\\"))
@@ -150,7 +157,8 @@ async def list_all(session: AsyncSession, search: str | None = None) -> list[Api
 
 async def find(session: AsyncSession, name_or_id: str) -> ApiToken | None:
     """A token by its name or id."""
-    query = select(ApiToken).where(or_(ApiToken.name == name_or_id, ApiToken.id == name_or_id))
+    query = (select(ApiToken).options(WITH_GROUP)
+             .where(or_(ApiToken.name == name_or_id, ApiToken.id == name_or_id)))
     return (await session.scalars(query)).first()
 
 
@@ -162,13 +170,13 @@ async def revoke(session: AsyncSession, token: ApiToken) -> None:
 
 
 async def authenticate(session: AsyncSession, raw_token: str, key: bytes) -> ApiToken:
-    """The live token for a presented secret, or Unauthenticated."""
+    """The live token for a presented secret, with its group, or Unauthenticated."""
     return ensure_live(await find_by_hash(session, hash_token(raw_token, key)))
 
 
 def by_hash(digest: str) -> Select[Any]:
-    """The query for the token stored under a keyed hash."""
-    return select(ApiToken).where(ApiToken.token_hash == digest)
+    """The query for the token (with its group) stored under a keyed hash."""
+    return select(ApiToken).options(WITH_GROUP).where(ApiToken.token_hash == digest)
 
 
 def hash_matches(token: ApiToken | None, digest: str) -> ApiToken | None:

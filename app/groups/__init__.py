@@ -1,0 +1,1 @@
+"""Token groups: which upstreams and models a group's tokens may use, and its price multiplier."""
