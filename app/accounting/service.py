@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, case, func, insert, or_, update
+from sqlalchemy import BigInteger, Table, Update, and_, bindparam, case, func, insert, or_, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.sql.elements import ColumnElement
 
 from app.accounting.models import EntryKind, LedgerEntry
 from app.accounting.pricing import usd_text
+from app.columns import utcnow
 from app.errors import PaymentRequired, Throttled
 from app.tokens.models import ApiToken
 from app.tokens.service import ensure_live
@@ -24,17 +24,61 @@ def month_of(moment: datetime) -> str:
     return moment.strftime("%Y-%m")
 
 
-def _spent_this_window(month: str) -> ColumnElement[Any]:
-    # A monthly budget starts the month at zero; the reset happens in the same guarded
-    # statement that admits or settles, so there is no separate job to miss.
-    return case(
-        (and_(ApiToken.budget_period == "month", func.coalesce(ApiToken.budget_window, "") != month), 0),
-        else_=ApiToken.spent_micros,
+_TOKENS = cast(Table, ApiToken.__table__)
+_LEDGER = cast(Table, LedgerEntry.__table__)
+# A monthly budget starts the month at zero; the reset happens in the same guarded statement
+# that admits or settles, so there is no separate job to miss.
+_SPENT_THIS_WINDOW = case(
+    (and_(_TOKENS.c.budget_period == "month",
+          func.coalesce(_TOKENS.c.budget_window, "") != bindparam("month")), 0),
+    else_=_TOKENS.c.spent_micros,
+)
+_WINDOW_AFTER = case((_TOKENS.c.budget_period == "month", bindparam("month")), else_=_TOKENS.c.budget_window)
+
+
+def _admission(*, check_rate_and_in_flight: bool) -> Update:
+    # Built once: these statements run on every create, and building and keying them each
+    # time cost more than executing them.
+    tokens = _TOKENS.c
+    estimate = bindparam("estimate", type_=BigInteger())
+    conditions = [
+        tokens.id == bindparam("token_id"),
+        # Checked here as well as at sign-in: a cached token must never create after revocation.
+        tokens.revoked_at.is_(None),
+        or_(tokens.expires_at.is_(None), tokens.expires_at > bindparam("now")),
+        or_(
+            tokens.budget_micros.is_(None),
+            and_(
+                _SPENT_THIS_WINDOW + tokens.reserved_micros + estimate <= tokens.budget_micros,
+                _SPENT_THIS_WINDOW + tokens.reserved_micros < tokens.budget_micros,
+            ),
+        ),
+    ]
+    if check_rate_and_in_flight:
+        conditions += [
+            or_(tokens.max_in_flight.is_(None), tokens.in_flight < tokens.max_in_flight),
+            or_(tokens.rpm_limit.is_(None), tokens.rate_window != bindparam("minute"),
+                tokens.rate_count < tokens.rpm_limit),
+        ]
+    return update(_TOKENS).where(*conditions).values(
+        spent_micros=_SPENT_THIS_WINDOW,
+        budget_window=_WINDOW_AFTER,
+        reserved_micros=tokens.reserved_micros + estimate,
+        in_flight=tokens.in_flight + 1,
+        rate_count=case((tokens.rate_window == bindparam("minute"), tokens.rate_count + 1), else_=1),
+        rate_window=bindparam("minute"),
     )
 
 
-def _window_after(month: str) -> ColumnElement[Any]:
-    return case((ApiToken.budget_period == "month", month), else_=ApiToken.budget_window)
+_ADMIT = _admission(check_rate_and_in_flight=True)
+_ADMIT_BUDGET_ONLY = _admission(check_rate_and_in_flight=False)
+_SETTLE = update(_TOKENS).where(_TOKENS.c.id == bindparam("token_id")).values(
+    spent_micros=_SPENT_THIS_WINDOW + bindparam("charged", type_=BigInteger()),
+    budget_window=_WINDOW_AFTER,
+    reserved_micros=_TOKENS.c.reserved_micros - bindparam("estimate", type_=BigInteger()),
+    in_flight=_TOKENS.c.in_flight - 1,
+)
+_ENTRY = insert(_LEDGER)
 
 
 async def admit(
@@ -45,43 +89,11 @@ async def admit(
 
     With `limits_taken` the rate and in-flight slots were already taken in Redis: only the
     budget is checked here, but the counters still move, so the database can take over."""
-    month = month_of(now)
-    minute = int(now.timestamp() // 60)
-    spent = _spent_this_window(month)
-    within_budget = or_(
-        ApiToken.budget_micros.is_(None),
-        and_(
-            spent + ApiToken.reserved_micros + estimate_micros <= ApiToken.budget_micros,
-            spent + ApiToken.reserved_micros < ApiToken.budget_micros,
-        ),
-    )
-    conditions = [
-        ApiToken.id == token_id,
-        # Checked here as well as at sign-in: a cached token must never create after revocation.
-        ApiToken.revoked_at.is_(None),
-        or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > now),
-        within_budget,
-    ]
-    if not limits_taken:
-        conditions += [
-            or_(ApiToken.max_in_flight.is_(None), ApiToken.in_flight < ApiToken.max_in_flight),
-            or_(ApiToken.rpm_limit.is_(None), ApiToken.rate_window != minute,
-                ApiToken.rate_count < ApiToken.rpm_limit),
-        ]
-    statement = (
-        update(ApiToken)
-        .where(*conditions)
-        .values(
-            spent_micros=spent,
-            budget_window=_window_after(month),
-            reserved_micros=ApiToken.reserved_micros + estimate_micros,
-            in_flight=ApiToken.in_flight + 1,
-            rate_count=case((ApiToken.rate_window == minute, ApiToken.rate_count + 1), else_=1),
-            rate_window=minute,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    result = await session.execute(statement)
+    statement = _ADMIT_BUDGET_ONLY if limits_taken else _ADMIT
+    result = await session.execute(statement, {
+        "token_id": token_id, "estimate": estimate_micros, "now": now, "month": month_of(now),
+        "minute": int(now.timestamp() // 60),
+    })
     if result.rowcount == 1:  # type: ignore[attr-defined]
         return
     await _refuse(session, token_id=token_id, estimate_micros=estimate_micros, now=now,
@@ -123,10 +135,10 @@ async def _refuse(
 
 async def reserve(session: AsyncSession, *, prediction_id: str, token_id: str, estimate_micros: int) -> None:
     """The reservation entry for an admitted prediction."""
-    await session.execute(insert(LedgerEntry).values(
-        prediction_id=prediction_id, token_id=token_id, kind=EntryKind.RESERVATION,
-        amount_micros=estimate_micros,
-    ))
+    await session.execute(_ENTRY, {
+        "prediction_id": prediction_id, "token_id": token_id, "kind": EntryKind.RESERVATION,
+        "amount_micros": estimate_micros, "created_at": utcnow(),
+    })
 
 
 @dataclass(frozen=True)
@@ -152,24 +164,15 @@ async def close(
     Call it in the transaction that makes the prediction final: the unique (prediction, kind)
     constraint then makes a second charge fail the whole transaction."""
     kind = EntryKind.SETTLEMENT if outcome.charged else EntryKind.RELEASE
-    await session.execute(insert(LedgerEntry).values(
-        prediction_id=prediction_id, token_id=token_id, kind=kind,
-        amount_micros=outcome.amount_micros if outcome.charged else estimate_micros,
-        note=outcome.note, created_at=now,
-    ))
-    month = month_of(now)
-    charged = outcome.amount_micros if outcome.charged else 0
-    await session.execute(
-        update(ApiToken)
-        .where(ApiToken.id == token_id)
-        .values(
-            spent_micros=_spent_this_window(month) + charged,
-            budget_window=_window_after(month),
-            reserved_micros=ApiToken.reserved_micros - estimate_micros,
-            in_flight=ApiToken.in_flight - 1,
-        )
-        .execution_options(synchronize_session=False)
-    )
+    await session.execute(_ENTRY, {
+        "prediction_id": prediction_id, "token_id": token_id, "kind": kind,
+        "amount_micros": outcome.amount_micros if outcome.charged else estimate_micros,
+        "note": outcome.note, "created_at": now,
+    })
+    await session.execute(_SETTLE, {
+        "token_id": token_id, "month": month_of(now), "estimate": estimate_micros,
+        "charged": outcome.amount_micros if outcome.charged else 0,
+    })
 
 
 def budget_view(token: ApiToken, now: datetime) -> dict[str, Any]:

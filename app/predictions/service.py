@@ -11,10 +11,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import timedelta
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import Any, cast
 
 import orjson
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import Table, and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm.attributes import set_committed_value
@@ -60,6 +60,9 @@ _MAY_FOLLOW = {
     "processing": ("starting", "processing"),
     **dict.fromkeys(TERMINAL_STATUSES, ("starting", "processing")),
 }
+
+
+_PREDICTIONS = cast(Table, Prediction.__table__)
 
 
 class NotLinked(Exception):
@@ -367,7 +370,7 @@ class PredictionService:
                 "next_poll_at": now + timedelta(seconds=FIRST_POLL_SECONDS)}
         try:
             # Linking and the first state are one transaction: a create costs two, not three.
-            row = await self.apply_upstream_state(prediction.id, reply, first=True,
+            row = await self.apply_upstream_state(prediction.id, reply, first=True, known=prediction,
                                                   upstream_name=prediction.upstream, link=link)
         except (IntegrityError, NotLinked):
             # The upstream handed out an id we already hold for another prediction:
@@ -414,22 +417,24 @@ class PredictionService:
 
     async def apply_upstream_state(
         self, prediction_id: str, reply: UpstreamPrediction, *, first: bool = False,
-        upstream_name: str | None = None, link: dict[str, Any] | None = None,
+        upstream_name: str | None = None, link: dict[str, Any] | None = None, known: Prediction | None = None,
     ) -> Prediction:
         """Record what the upstream says, as a compare-and-set that never moves status backwards;
         a first final status is settled or released in the same transaction.
 
         With `link`, the same update also links a pending create to its upstream prediction
-        (and only a still pending, unlinked one); NotLinked is raised when it was not."""
+        (and only a still pending, unlinked one); NotLinked is raised when it was not. `known` is
+        the row as this process just wrote it, which spares reading it again."""
         now = utcnow()
         values = self._state_values(reply, upstream_name, now)
-        condition = [Prediction.id == prediction_id, Prediction.status.in_(_MAY_FOLLOW.get(reply.status, ()))]
+        columns = _PREDICTIONS.c
+        condition = [columns.id == prediction_id, columns.status.in_(_MAY_FOLLOW.get(reply.status, ()))]
         if link is not None:
             values.update(link)
-            condition += [Prediction.submission == Submission.PENDING, Prediction.upstream_id.is_(None)]
+            condition += [columns.submission == Submission.PENDING, columns.upstream_id.is_(None)]
         terminal = reply.status in TERMINAL_STATUSES
         async with self._sessions() as session:
-            row = await session.get(Prediction, prediction_id)
+            row = known if known is not None else await session.get(Prediction, prediction_id)
             if row is None:
                 raise NotFound("The requested prediction could not be found")
             outcome = self._outcome(row, reply) if terminal else None
@@ -443,10 +448,8 @@ class PredictionService:
                 values["version"] = reply.version
             previous_status = row.status
             previous_output, previous_logs = row.output, row.logs
-            result = await session.execute(
-                update(Prediction).where(*condition).values(**values)
-                .execution_options(synchronize_session=False)
-            )
+            # A table-level update: the ORM's bulk-update bookkeeping is not needed here.
+            result = await session.execute(update(_PREDICTIONS).where(*condition).values(**values))
             changed = result.rowcount == 1  # type: ignore[attr-defined]
             if link is not None and not changed:
                 await session.rollback()
