@@ -10,6 +10,7 @@ from sqlalchemy import and_, case, func, insert, or_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
+from app.accounting import daily
 from app.accounting.models import EntryKind, LedgerEntry
 from app.accounting.pricing import usd_text
 from app.errors import PaymentRequired, Throttled, Unauthenticated
@@ -144,6 +145,7 @@ async def close(
         )
         .execution_options(synchronize_session=False)
     )
+    await daily.add_closed(session, prediction_id=prediction_id, charged_micros=charged)
 
 
 def budget_view(token: ApiToken, now: datetime) -> dict[str, Any]:
