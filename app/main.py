@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from app import __version__
 from app.admin.router import router as admin_router
 from app.config import Settings
+from app.dashboard.router import router as dashboard_router
 from app.db import make_engine, make_sessionmaker, schema_is_current
 from app.errors import install_error_handlers
 from app.files.router import router as files_router
@@ -140,6 +141,7 @@ def create_app(
         app.include_router(streams_router, prefix=prefix)
         app.include_router(outputs_router, prefix=prefix)
     app.include_router(admin_router, prefix="/admin/v1")
+    app.include_router(dashboard_router)
     # An upload's form fields get the ordinary body allowance on top of the file limit.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
                        upload_max_bytes=settings.max_file_bytes + settings.max_body_bytes)

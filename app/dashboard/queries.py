@@ -1,0 +1,196 @@
+"""Dashboard reads: usage from the daily rollup, predictions and tokens in keyset pages."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.accounting.daily import UsageDaily
+from app.accounting.models import LedgerEntry
+from app.accounting.pricing import usd_text
+from app.accounting.usage import GROUP_KEYS
+from app.predictions.models import Prediction, Submission
+from app.tokens.models import ApiToken
+
+UNFINISHED = ("starting", "processing")
+TOKENS_PAGE = 50
+TOP_ROWS = 20
+
+
+@dataclass
+class Totals:
+    """Counts and cost of one group (a day, a token or a model)."""
+
+    key: str
+    label: str = ""
+    predictions: int = 0
+    failed: int = 0
+    running: int = 0
+    cost_micros: int = 0
+
+    def add(self, predictions: int, failed: int, running: int, cost_micros: int) -> None:
+        """Add one source row."""
+        self.predictions += predictions
+        self.failed += failed
+        self.running += running
+        self.cost_micros += cost_micros
+
+
+@dataclass
+class Overview:
+    """Usage over a range of days, per day, per token and per model."""
+
+    since: date
+    until: date
+    days: list[Totals]
+    tokens: list[Totals]
+    models: list[Totals]
+    total: Totals
+    other_tokens: Totals | None = None
+    other_models: Totals | None = None
+    names: dict[str, str] = field(default_factory=dict)
+
+
+def _start(day: date) -> datetime:
+    return datetime.combine(day, time(), UTC)
+
+
+def _day_text(value: Any) -> str:
+    return value.isoformat() if isinstance(value, date) else str(value)[:10]
+
+
+async def _rollup(session: AsyncSession, group: Any, token_id: str | None, since: date, until: date
+                  ) -> list[Any]:
+    query = select(group, func.sum(UsageDaily.predictions), func.sum(UsageDaily.failed),
+                   func.sum(UsageDaily.cost_micros)).where(UsageDaily.day >= since, UsageDaily.day <= until)
+    if token_id is not None:
+        query = query.where(UsageDaily.token_id == token_id)
+    return list((await session.execute(query.group_by(group))).all())
+
+
+async def _unfinished(session: AsyncSession, token_id: str | None, since: date, until: date) -> list[Any]:
+    # Few rows (what is running now), found through the status index.
+    query = select(func.date(Prediction.created_at), Prediction.token_id, Prediction.model,
+                   func.count()).where(
+        Prediction.status.in_(UNFINISHED), Prediction.submission != Submission.REJECTED,
+        Prediction.created_at >= _start(since), Prediction.created_at < _start(until + timedelta(days=1)),
+    )
+    if token_id is not None:
+        query = query.where(Prediction.token_id == token_id)
+    query = query.group_by(func.date(Prediction.created_at), Prediction.token_id, Prediction.model)
+    return list((await session.execute(query)).all())
+
+
+def _top(groups: dict[str, Totals], limit: int) -> tuple[list[Totals], Totals | None]:
+    ordered = sorted(groups.values(), key=lambda t: (-t.cost_micros, -t.predictions, t.label))
+    if len(ordered) <= limit:
+        return ordered, None
+    rest = Totals(key="", label=f"{len(ordered) - limit} more")
+    for row in ordered[limit:]:
+        rest.add(row.predictions, row.failed, row.running, row.cost_micros)
+    return ordered[:limit], rest
+
+
+async def token_names(session: AsyncSession, ids: Sequence[str]) -> dict[str, str]:
+    """Token names by id."""
+    if not ids:
+        return {}
+    result = await session.execute(select(ApiToken.id, ApiToken.name).where(ApiToken.id.in_(list(ids))))
+    return {row.id: row.name for row in result}
+
+
+async def overview(session: AsyncSession, *, token_id: str | None, since: date, until: date) -> Overview:
+    """Predictions, failures and cost per day (every day of the range), per token and per model."""
+    days = {
+        (since + timedelta(days=i)).isoformat(): Totals(key=(since + timedelta(days=i)).isoformat())
+        for i in range((until - since).days + 1)
+    }
+    tokens: dict[str, Totals] = {}
+    models: dict[str, Totals] = {}
+    total = Totals(key="total")
+    for target, group, keyed in ((days, UsageDaily.day, _day_text), (tokens, UsageDaily.token_id, str),
+                                 (models, UsageDaily.model, str)):
+        for key, predictions, failed, cost in await _rollup(session, group, token_id, since, until):
+            name = keyed(key)
+            target.setdefault(name, Totals(key=name, label=name)).add(
+                int(predictions or 0), int(failed or 0), 0, int(cost or 0))
+    for day, owner, model, count in await _unfinished(session, token_id, since, until):
+        for target, key in ((days, _day_text(day)), (tokens, owner), (models, model)):
+            target.setdefault(key, Totals(key=key, label=key)).add(int(count), 0, int(count), 0)
+    for day_totals in days.values():
+        total.add(day_totals.predictions, day_totals.failed, day_totals.running, day_totals.cost_micros)
+    names = await token_names(session, list(tokens))
+    for key, totals in tokens.items():
+        totals.label = names.get(key, key)
+    top_tokens, other_tokens = _top(tokens, TOP_ROWS)
+    top_models, other_models = _top(models, TOP_ROWS)
+    return Overview(since=since, until=until, days=list(days.values()), tokens=top_tokens,
+                    models=top_models, total=total, other_tokens=other_tokens, other_models=other_models,
+                    names=names)
+
+
+async def usage_rows(session: AsyncSession, *, token_id: str | None, since: date, until: date,
+                     group_by: Sequence[str]) -> dict[str, Any]:
+    """The usage report's result (same rows, same CSV) from the rollup and the unfinished rows."""
+    keys = [key for key in dict.fromkeys(group_by) if key in GROUP_KEYS]
+    columns = {"token": UsageDaily.token_id, "model": UsageDaily.model, "day": UsageDaily.day}
+    query = select(*(columns[k] for k in keys), func.sum(UsageDaily.predictions),
+                   func.sum(UsageDaily.cost_micros)).where(UsageDaily.day >= since, UsageDaily.day <= until)
+    if token_id is not None:
+        query = query.where(UsageDaily.token_id == token_id)
+    groups: dict[tuple[str, ...], list[int]] = defaultdict(lambda: [0, 0])
+    for record in (await session.execute(query.group_by(*(columns[k] for k in keys)))).all():
+        values = list(record)
+        group = tuple(_day_text(v) if k == "day" else str(v) for k, v in zip(keys, values, strict=False))
+        groups[group][0] += int(values[-2] or 0)
+        groups[group][1] += int(values[-1] or 0)
+    for day, owner, model, count in await _unfinished(session, token_id, since, until):
+        found = {"day": _day_text(day), "token": owner, "model": model}
+        groups[tuple(found[k] for k in keys)][0] += int(count)
+    names = await token_names(session, list({g[keys.index("token")] for g in groups} if "token" in keys else []))
+    rows = []
+    total_count = total_micros = 0
+    for group, (count, micros) in groups.items():
+        row: dict[str, Any] = {k: (names.get(v, v) if k == "token" else v) for k, v in zip(keys, group, strict=True)}
+        row.update({"predictions": count, "cost_usd": usd_text(micros)})
+        rows.append(row)
+        total_count += count
+        total_micros += micros
+    rows.sort(key=lambda r: tuple(r[k] for k in keys))
+    return {"rows": rows, "total": {"predictions": total_count, "cost_usd": usd_text(total_micros)}}
+
+
+async def tokens_page(session: AsyncSession, *, after: str | None, only: str | None
+                      ) -> tuple[list[ApiToken], str | None]:
+    """Tokens by name, a page after the name `after` (the unique name index keeps it cheap)."""
+    query = select(ApiToken).order_by(ApiToken.name).limit(TOKENS_PAGE + 1)
+    if only is not None:
+        query = query.where(ApiToken.id == only)
+    if after:
+        query = query.where(ApiToken.name > after)
+    rows = list((await session.scalars(query)).all())
+    if len(rows) <= TOKENS_PAGE:
+        return rows, None
+    return rows[:TOKENS_PAGE], rows[TOKENS_PAGE - 1].name
+
+
+async def recent_spend(session: AsyncSession, token_ids: Sequence[str], since: date) -> dict[str, int]:
+    """Each token's cost since a day, from the rollup."""
+    if not token_ids:
+        return {}
+    query = (select(UsageDaily.token_id, func.sum(UsageDaily.cost_micros))
+             .where(UsageDaily.token_id.in_(list(token_ids)), UsageDaily.day >= since)
+             .group_by(UsageDaily.token_id))
+    return {owner: int(cost or 0) for owner, cost in (await session.execute(query)).all()}
+
+
+async def ledger(session: AsyncSession, prediction_id: str) -> list[LedgerEntry]:
+    """A prediction's ledger entries, oldest first."""
+    query = select(LedgerEntry).where(LedgerEntry.prediction_id == prediction_id).order_by(LedgerEntry.id)
+    return list((await session.scalars(query)).all())
