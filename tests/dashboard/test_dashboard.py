@@ -234,12 +234,13 @@ class TestTeamView:
             listing = client.get("/dashboard/predictions")
             assert all(p["id"] in listing.text for p in my_predictions)
             assert not any(p["id"] in listing.text for p in their_predictions)
-            forced = client.get(f"/dashboard/predictions?token=team-theirs")
+            forced = client.get("/dashboard/predictions?token=team-theirs")
             assert not any(p["id"] in forced.text for p in their_predictions)
             assert client.get(f"/dashboard/predictions/{my_predictions[0]['id']}").status_code == 200
             assert client.get(f"/dashboard/predictions/{their_predictions[0]['id']}").status_code == 404
             tokens = client.get("/dashboard/tokens")
-            assert "team-mine" in tokens.text and "team-theirs" not in tokens.text
+            assert "team-mine" in tokens.text
+            assert "team-theirs" not in tokens.text
             assert "Create a token" not in tokens.text
             their_id = next(t["id"] for t in rows(admin_gateway.db_url, "api_token") if t["name"] == "team-theirs")
             assert client.get(f"/dashboard/tokens/{their_id}").status_code == 404
@@ -284,7 +285,8 @@ class TestPredictions:
             assert older is not None
             second = client.get(older.group(1).replace("&amp;", "&"))
             rest = re.findall(r'href="/dashboard/predictions/([a-z0-9]+)"', second.text)
-            assert len(rest) == 4 and not set(rest) & set(seen)
+            assert len(rest) == 4
+            assert not set(rest) & set(seen)
             assert set(seen + rest) == {*ids, failed["id"]}
             assert 'rel="next"' not in second.text
             only_failed = client.get("/dashboard/predictions?status=failed&token=team-many")
@@ -311,10 +313,12 @@ class TestPredictions:
             assert "&lt;script&gt;alert(" in page.text
             assert 'data-testid="cost">$0.006000<' in page.text
             assert len(re.findall(r'<img src="http://127\.0\.0\.1:\d+/delivery/[^"]+\.webp"', page.text)) == 2
-            assert "step 3/3" in page.text and "settlement" in page.text
+            assert "step 3/3" in page.text
+            assert "settlement" in page.text
             failed = _finished(admin_gateway, secret, 1, fail=True)[0]
             text = text_of(client.get(f"/dashboard/predictions/{failed['id']}"))
-            assert "something went wrong" in text and "failed" in text
+            assert "something went wrong" in text
+            assert "failed" in text
             assert client.get("/dashboard/predictions/NOT-AN-ID").status_code == 404
 
     def test_web_url_is_the_dashboard_page_and_old_links_redirect(self, admin_gateway: Gateway) -> None:
@@ -352,7 +356,9 @@ class TestUsage:
             assert len(re.findall(r'class="main"', svg[0])) == 30  # a bar per day of the default range
             assert re.search(r'data-testid="total-predictions">5<', overview.text)
             text = text_of(overview)
-            assert "team-one" in text and "team-two" in text and "black-forest-labs/flux-schnell" in text
+            assert "team-one" in text
+            assert "team-two" in text
+            assert "black-forest-labs/flux-schnell" in text
             query = "group_by=day&group_by=token&group_by=model"
             ours = client.get(f"/dashboard/usage.csv?{query}")
             assert ours.status_code == 200
