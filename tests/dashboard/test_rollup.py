@@ -37,9 +37,9 @@ def test_the_migration_backfills_the_rollup(database: str, tmp_path: Path) -> No
     execute(url, "INSERT INTO api_token (id, name, display_prefix, token_hash, created_at) "
                  f"VALUES ('t1', 'team', 'gw_x', 'h1', '2026-10-01 00:00:00{stamp}')")
     for pid, model, status, submission, created, cost in PREDICTIONS:
-        execute(url, "INSERT INTO prediction (id, token_id, upstream, submission, model, status, input, "
+        execute(url, "INSERT INTO prediction (id, token_id, upstream, submission, model, status, input, "  # noqa: S608
                      "streamable, created_at, updated_at, cost_micros) VALUES "
-                     f"('{pid}', 't1', 'default', '{submission}', '{model}', '{status}', '{{}}', false, "  # noqa: S608
+                     f"('{pid}', 't1', 'default', '{submission}', '{model}', '{status}', '{{}}', false, "
                      f"'{created}{stamp}', '{created}{stamp}', {'NULL' if cost is None else cost})")
     command.upgrade(config, "head")
     check_daily_usage(url)
