@@ -34,7 +34,7 @@ def test_the_migration_backfills_the_rollup(database: str, tmp_path: Path) -> No
         truncate_all(url)
     command.downgrade(config, BEFORE_ROLLUP)
     stamp = "" if database == "sqlite" else "+00"
-    execute(url, "INSERT INTO api_token (id, name, display_prefix, token_hash, created_at) "
+    execute(url, "INSERT INTO api_token (id, name, display_prefix, token_hash, created_at) "  # noqa: S608
                  f"VALUES ('t1', 'team', 'gw_x', 'h1', '2026-10-01 00:00:00{stamp}')")
     for pid, model, status, submission, created, cost in PREDICTIONS:
         execute(url, "INSERT INTO prediction (id, token_id, upstream, submission, model, status, input, "  # noqa: S608
