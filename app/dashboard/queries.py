@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
+import csv
+import heapq
+import io
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import String, func, select, type_coerce
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.accounting.daily import UsageDaily
@@ -74,17 +77,21 @@ async def _rollup(session: AsyncSession, group: Any, token_id: str | None, since
     return list((await session.execute(query.group_by(group))).all())
 
 
-async def _unfinished(session: AsyncSession, token_id: str | None, since: date, until: date) -> list[Any]:
-    # Few rows (what is running now), found through the status index.
-    query = select(func.date(Prediction.created_at), Prediction.token_id, Prediction.model,
-                   func.count()).where(
+async def _unfinished(session: AsyncSession, token_id: str | None, since: date, until: date
+                      ) -> list[tuple[str, str, str, int]]:
+    """(day, token id, model, count) of the predictions still running, created in the range.
+
+    Found through the status index alone: they are few, while a token's own index could
+    make the database walk all of that token's rows in the range."""
+    query = select(Prediction.created_at, Prediction.token_id, Prediction.model).where(
         Prediction.status.in_(UNFINISHED), Prediction.submission != Submission.REJECTED,
         Prediction.created_at >= _start(since), Prediction.created_at < _start(until + timedelta(days=1)),
     )
-    if token_id is not None:
-        query = query.where(Prediction.token_id == token_id)
-    query = query.group_by(func.date(Prediction.created_at), Prediction.token_id, Prediction.model)
-    return list((await session.execute(query)).all())
+    counts: Counter[tuple[str, str, str]] = Counter()
+    for created_at, owner, model in (await session.execute(query)).all():
+        if token_id is None or owner == token_id:
+            counts[(created_at.date().isoformat(), owner, model)] += 1
+    return [(*key, count) for key, count in counts.items()]
 
 
 def _top(groups: dict[str, Totals], limit: int) -> tuple[list[Totals], Totals | None]:
@@ -135,35 +142,41 @@ async def overview(session: AsyncSession, *, token_id: str | None, since: date, 
                     names=names)
 
 
-async def usage_rows(session: AsyncSession, *, token_id: str | None, since: date, until: date,
-                     group_by: Sequence[str]) -> dict[str, Any]:
-    """The usage report's result (same rows, same CSV) from the rollup and the unfinished rows."""
+async def usage_csv(session: AsyncSession, *, token_id: str | None, since: date, until: date,
+                    group_by: Sequence[str]) -> str:
+    """The usage report's CSV (same columns, rows and order as `usage --format csv`), read from the
+    rollup plus the predictions still running."""
     keys = [key for key in dict.fromkeys(group_by) if key in GROUP_KEYS]
-    columns = {"token": UsageDaily.token_id, "model": UsageDaily.model, "day": UsageDaily.day}
-    query = select(*(columns[k] for k in keys), func.sum(UsageDaily.predictions),
-                   func.sum(UsageDaily.cost_micros)).where(UsageDaily.day >= since, UsageDaily.day <= until)
+    columns: dict[str, Any] = {"token": ApiToken.name, "model": UsageDaily.model,
+                               "day": type_coerce(UsageDaily.day, String)}
+    selected = [columns[k] for k in keys]
+    query = (select(*selected, func.sum(UsageDaily.predictions), func.sum(UsageDaily.cost_micros))
+             .join(ApiToken, ApiToken.id == UsageDaily.token_id)
+             .where(UsageDaily.day >= since, UsageDaily.day <= until))
     if token_id is not None:
         query = query.where(UsageDaily.token_id == token_id)
-    groups: dict[tuple[str, ...], list[int]] = defaultdict(lambda: [0, 0])
-    for record in (await session.execute(query.group_by(*(columns[k] for k in keys)))).all():
-        values = list(record)
-        group = tuple(_day_text(v) if k == "day" else str(v) for k, v in zip(keys, values, strict=False))
-        groups[group][0] += int(values[-2] or 0)
-        groups[group][1] += int(values[-1] or 0)
-    for day, owner, model, count in await _unfinished(session, token_id, since, until):
-        found = {"day": _day_text(day), "token": owner, "model": model}
-        groups[tuple(found[k] for k in keys)][0] += int(count)
-    names = await token_names(session, list({g[keys.index("token")] for g in groups} if "token" in keys else []))
-    rows = []
-    total_count = total_micros = 0
-    for group, (count, micros) in groups.items():
-        row: dict[str, Any] = {k: (names.get(v, v) if k == "token" else v) for k, v in zip(keys, group, strict=True)}
-        row.update({"predictions": count, "cost_usd": usd_text(micros)})
-        rows.append(row)
-        total_count += count
-        total_micros += micros
-    rows.sort(key=lambda r: tuple(r[k] for k in keys))
-    return {"rows": rows, "total": {"predictions": total_count, "cost_usd": usd_text(total_micros)}}
+    # Core rows, not ORM ones: a month of every token and model is tens of thousands of groups.
+    connection = await session.connection()
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for *values, count, micros in await connection.execute(query.group_by(*selected).order_by(*selected)):
+        groups[tuple(map(str, values))] = [int(count or 0), int(micros or 0)]
+    unfinished = await _unfinished(session, token_id, since, until)
+    names = await token_names(session, list({owner for _, owner, _, _ in unfinished}))
+    added: dict[tuple[str, ...], list[int]] = {}
+    for day, owner, model, count in unfinished:
+        found = {"day": day, "token": names.get(owner, owner), "model": model}
+        group = tuple(found[k] for k in keys)
+        (groups if group in groups else added).setdefault(group, [0, 0])[0] += count
+    ordered = list(heapq.merge(groups.items(), sorted(added.items())))
+    # The report's CSV columns are always in GROUP_KEYS order, whatever order the rows sort in.
+    fields = [key for key in GROUP_KEYS if key in keys] if ordered else []
+    positions = [keys.index(field) for field in fields]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([*fields, "predictions", "cost_usd"])
+    writer.writerows([*(group[i] for i in positions), count, usd_text(micros)]
+                     for group, (count, micros) in ordered)
+    return out.getvalue()
 
 
 async def tokens_page(session: AsyncSession, *, after: str | None, only: str | None

@@ -439,10 +439,10 @@ async def usage_csv(request: Request, state: StateDep) -> Response:
     since, until = _range(request)
     group_by = [g for g in request.query_params.getlist("group_by") if g in usage_report.GROUP_KEYS] or ["day"]
     async with state.sessions() as session:
-        result = await queries.usage_rows(session, token_id=viewer.token_id, since=since, until=until,
-                                          group_by=group_by)
+        text = await queries.usage_csv(session, token_id=viewer.token_id, since=since, until=until,
+                                       group_by=group_by)
     filename = f"usage-{since.isoformat()}-{until.isoformat()}.csv"
-    return Response(usage_report.as_csv(result), media_type="text/csv; charset=utf-8", headers={
+    return Response(text, media_type="text/csv; charset=utf-8", headers={
         **render.SECURITY_HEADERS, "Content-Disposition": f'attachment; filename="{filename}"'})
 
 

@@ -39,7 +39,8 @@ def upgrade() -> None:
     sa.Column('canceled', sa.Integer(), nullable=False),
     sa.Column('cost_micros', sa.BigInteger(), nullable=False),
     sa.ForeignKeyConstraint(['token_id'], ['api_token.id'], name=op.f('fk_usage_daily_token_id_api_token'), ondelete='RESTRICT'),
-    sa.PrimaryKeyConstraint('day', 'token_id', 'model', name=op.f('pk_usage_daily'))
+    sa.PrimaryKeyConstraint('day', 'token_id', 'model', name=op.f('pk_usage_daily')),
+    sqlite_with_rowid=False,
     )
     with op.batch_alter_table('usage_daily', schema=None) as batch_op:
         batch_op.create_index('ix_usage_daily_token_id_day', ['token_id', 'day'], unique=False)
