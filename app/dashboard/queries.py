@@ -7,7 +7,7 @@ import heapq
 import io
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
@@ -57,7 +57,6 @@ class Overview:
     total: Totals
     other_tokens: Totals | None = None
     other_models: Totals | None = None
-    names: dict[str, str] = field(default_factory=dict)
 
 
 def _start(day: date) -> datetime:
@@ -132,14 +131,13 @@ async def overview(session: AsyncSession, *, token_id: str | None, since: date, 
             target.setdefault(key, Totals(key=key, label=key)).add(int(count), 0, int(count), 0)
     for day_totals in days.values():
         total.add(day_totals.predictions, day_totals.failed, day_totals.running, day_totals.cost_micros)
-    names = await token_names(session, list(tokens))
-    for key, totals in tokens.items():
-        totals.label = names.get(key, key)
     top_tokens, other_tokens = _top(tokens, TOP_ROWS)
     top_models, other_models = _top(models, TOP_ROWS)
+    names = await token_names(session, [t.key for t in top_tokens])
+    for totals in top_tokens:
+        totals.label = names.get(totals.key, totals.key)
     return Overview(since=since, until=until, days=list(days.values()), tokens=top_tokens,
-                    models=top_models, total=total, other_tokens=other_tokens, other_models=other_models,
-                    names=names)
+                    models=top_models, total=total, other_tokens=other_tokens, other_models=other_models)
 
 
 async def usage_csv(session: AsyncSession, *, token_id: str | None, since: date, until: date,
