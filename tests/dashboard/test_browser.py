@@ -39,7 +39,7 @@ def _install_chromium() -> None:
     here)."""
     if os.path.exists(CHROMIUM) or os.geteuid() != 0 or shutil.which("apt-get") is None:
         return
-    install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
+    install = ["apt-get", "install", "-y", "chromium"]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     if subprocess.run(install, env=env, capture_output=True, check=False, timeout=900).returncode != 0:
         subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=False, timeout=600)
