@@ -14,6 +14,7 @@ from app import __version__
 from app.accounting import limits
 from app.admin.router import router as admin_router
 from app.config import Settings
+from app.dashboard.router import router as dashboard_router
 from app.db import (
     HotReads,
     make_engine,
@@ -164,6 +165,7 @@ def create_app(
         app.include_router(streams_router, prefix=prefix)
         app.include_router(outputs_router, prefix=prefix)
     app.include_router(admin_router, prefix="/admin/v1")
+    app.include_router(dashboard_router)
     # An upload's form fields get the ordinary body allowance on top of the file limit.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
                        upload_max_bytes=settings.max_file_bytes + settings.max_body_bytes)

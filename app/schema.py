@@ -1,5 +1,6 @@
 """Every table of the gateway, imported so that `Base.metadata` knows them all."""
 
+from app.accounting.daily import UsageDaily
 from app.accounting.models import LedgerEntry
 from app.db import Base
 from app.files.models import StoredFile
@@ -10,4 +11,4 @@ from app.tokens.models import ApiToken, InstanceKey
 from app.webhooks.models import WebhookDelivery
 
 __all__ = ["ApiToken", "Base", "InstanceKey", "LedgerEntry", "OutputFile", "Prediction", "StoredFile",
-           "TokenGroup", "WebhookDelivery"]
+           "TokenGroup", "UsageDaily", "WebhookDelivery"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
+from datetime import UTC, datetime
 from typing import Any
 
 from tests.dbtools import rows
@@ -58,9 +59,35 @@ def check_one_to_one(db_url: str, relay: FakeRelay | list[FakeRelay]) -> None:
 def check_all(db_url: str, relay: FakeRelay | list[FakeRelay] | None = None, **kwargs: Any) -> None:
     """Every invariant this test set can check."""
     check_ledger(db_url, **kwargs)
+    check_daily_usage(db_url)
     if relay is not None:
         check_one_to_one(db_url, relay)
     check_deliveries(db_url)
+
+
+def _day(value: Any) -> str:
+    if isinstance(value, str):  # SQLite keeps UTC timestamps and dates as text
+        return value[:10]
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).date().isoformat()
+    return str(value)
+
+
+def check_daily_usage(db_url: str) -> None:
+    """The daily rollup equals the finished, non-rejected predictions it summarises."""
+    expected: dict[tuple[str, str, str], Counter[str]] = defaultdict(Counter)
+    for p in rows(db_url, "prediction"):
+        if p["status"] in TERMINAL and p["submission"] != "rejected":
+            counts = expected[(_day(p["created_at"]), p["token_id"], p["model"])]
+            counts["predictions"] += 1
+            counts[{"aborted": "failed"}.get(p["status"], p["status"])] += 1
+            counts["cost_micros"] += p["cost_micros"] or 0
+    actual = {
+        (_day(r["day"]), r["token_id"], r["model"]): Counter({k: r[k] for k in (
+            "predictions", "succeeded", "failed", "canceled", "cost_micros") if r[k]})
+        for r in rows(db_url, "usage_daily")
+    }
+    assert actual == dict(expected), (actual, dict(expected))
 
 
 def _json_value(value: Any) -> Any:

@@ -9,6 +9,7 @@ from typing import Any, cast
 from sqlalchemy import BigInteger, Table, Update, and_, bindparam, case, func, insert, or_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.accounting import daily
 from app.accounting.models import EntryKind, LedgerEntry
 from app.accounting.pricing import usd_text
 from app.columns import utcnow
@@ -173,6 +174,8 @@ async def close(
         "token_id": token_id, "month": month_of(now), "estimate": estimate_micros,
         "charged": outcome.amount_micros if outcome.charged else 0,
     })
+    await daily.add_closed(session, prediction_id=prediction_id,
+                           charged_micros=outcome.amount_micros if outcome.charged else 0)
 
 
 def budget_view(token: ApiToken, now: datetime) -> dict[str, Any]:

@@ -44,8 +44,10 @@ class Prediction(Base):
         UniqueConstraint("token_id", "idempotency_key"),
         Index("ix_prediction_next_poll_at", "next_poll_at"),
         Index("ix_prediction_token_id_created_at_id", "token_id", "created_at", "id"),
-        Index("ix_prediction_created_at", "created_at"),
-        Index("ix_prediction_status", "status"),
+        # Newest-first keyset pages, alone or within one model or status (the dashboard's filters).
+        Index("ix_prediction_created_at_id", "created_at", "id"),
+        Index("ix_prediction_model_created_at_id", "model", "created_at", "id"),
+        Index("ix_prediction_status_created_at_id", "status", "created_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(26), primary_key=True)

@@ -25,6 +25,11 @@ def stream_token(prediction_id: str, key: bytes) -> str:
     return hmac.new(key, b"stream:" + prediction_id.encode(), hashlib.sha256).hexdigest()[:40]
 
 
+def web_origin(public_base: str) -> str:
+    """Where the dashboard is: the public base without the `/replicate` API prefix."""
+    return public_base.removesuffix("/replicate")
+
+
 def prediction_urls(prediction: Prediction, public_base: str, key: bytes) -> dict[str, str]:
     """Absolute gateway URLs for a prediction. The gateway streams any prediction itself, so
     `stream` is always there (npm's `replicate.stream()` never asks for it)."""
@@ -32,7 +37,7 @@ def prediction_urls(prediction: Prediction, public_base: str, key: bytes) -> dic
     return {
         "get": api,
         "cancel": api + "/cancel",
-        "web": f"{public_base}/p/{prediction.id}",
+        "web": f"{web_origin(public_base)}/dashboard/predictions/{prediction.id}",
         "stream": f"{public_base}/v1/streams/{prediction.id}.{stream_token(prediction.id, key)}",
     }
 

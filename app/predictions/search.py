@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import UTC, date, datetime, time, timedelta
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import BadRequest
@@ -44,10 +44,9 @@ async def search(
         query = query.where(Prediction.created_at < datetime.combine(until + timedelta(days=1), time(), UTC))
     if cursor_text:
         position = cursors.decode(cursor_text, ADMIN_CURSOR_SCOPE, key)
-        query = query.where(or_(
-            Prediction.created_at < position.created_at,
-            and_(Prediction.created_at == position.created_at, Prediction.id < position.id),
-        ))
+        # A row-value comparison, which both databases turn into an index range; the equivalent
+        # OR of two conditions makes PostgreSQL walk the index from the newest row.
+        query = query.where(tuple_(Prediction.created_at, Prediction.id) < (position.created_at, position.id))
     query = query.order_by(Prediction.created_at.desc(), Prediction.id.desc()).limit(PAGE_SIZE + 1)
     rows = list((await session.scalars(query)).all())
     if len(rows) <= PAGE_SIZE:

@@ -75,9 +75,14 @@ class TestUrls:
         assert prediction_urls(prediction, BASE, KEY) == {
             "get": f"{BASE}/v1/predictions/{pid}",
             "cancel": f"{BASE}/v1/predictions/{pid}/cancel",
-            "web": f"{BASE}/p/{pid}",
+            "web": f"{BASE}/dashboard/predictions/{pid}",
             "stream": f"{BASE}/v1/streams/{pid}.{stream_token(pid, KEY)}",
         }
+
+    @pytest.mark.parametrize("base", [BASE, BASE + "/replicate"])
+    def test_web_url_is_the_dashboard_page_on_the_gateways_origin(self, base: str) -> None:
+        prediction = make()
+        assert prediction_urls(prediction, base, KEY)["web"] == f"{BASE}/dashboard/predictions/{prediction.id}"
 
 
 class TestStreamToken:

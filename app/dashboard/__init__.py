@@ -1,0 +1,1 @@
+"""The web dashboard: usage, tokens and predictions, served as HTML at /dashboard."""
