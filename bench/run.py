@@ -285,6 +285,7 @@ class Cell:
     proxy_cpu_pct: float
     upstream_cpu_pct: float
     settle_s: float = 0.0
+    rss_mib: float = 0.0  # the target's first process, right after the cell
 
 
 def start_upstreams(procs: Processes, tmp: Path, delays: list[int], cpus: str | None) -> dict[int, tuple[int, int]]:
@@ -380,6 +381,36 @@ def upstream_prediction(port: int) -> str:
 # ----------------------------------------------------------------------------- wrk
 
 
+def rss_mib(pid: int) -> float:
+    """A process's resident memory (VmRSS) in MiB; 0 when it cannot be read."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def memory_report(cells: list[Cell]) -> tuple[list[str], dict[str, object]]:
+    """Each gateway's RSS over the run: first, peak and last sample, and the growth over the
+    second half (a leak keeps growing once pools and caches are warm)."""
+    lines, found = [], {}
+    for delay in sorted({c.delay_ms for c in cells if c.target == "gateway"}):
+        samples = [c.rss_mib for c in cells if c.target == "gateway" and c.delay_ms == delay and c.rss_mib]
+        if not samples:
+            continue
+        half = samples[len(samples) // 2:]
+        growth = half[-1] - half[0]
+        found[str(delay)] = {"first_mib": round(samples[0], 1), "peak_mib": round(max(samples), 1),
+                             "last_mib": round(samples[-1], 1), "second_half_growth_mib": round(growth, 1),
+                             "samples": len(samples)}
+        lines.append(f"  gateway behind the {delay} ms relay: RSS first {samples[0]:.1f} MiB, peak "
+                     f"{max(samples):.1f} MiB, last {samples[-1]:.1f} MiB; second half {growth:+.1f} MiB "
+                     f"over {len(half)} cells (target: under 150 MiB, no growth)")
+    return lines, found
+
+
 def wrk_cell(wrk: str, tmp: Path, target: Target, scenario: str, concurrency: int, duration: float,
              cpus: str | None, upstream_pid: int, rnd: int) -> Cell:
     base = f"http://{HOST}:{target.port}/replicate/v1"
@@ -404,6 +435,7 @@ def wrk_cell(wrk: str, tmp: Path, target: Target, scenario: str, concurrency: in
         proxy_ticks = cpu_ticks(target.pids) - proxy_before
         upstream_ticks = cpu_ticks([upstream_pid]) - upstream_before
         settled = settle(target) if target.pause else 0.0
+        memory = rss_mib(target.pids[0])
     finally:
         for group in target.pause:
             os.killpg(group, signal.SIGSTOP)
@@ -421,7 +453,7 @@ def wrk_cell(wrk: str, tmp: Path, target: Target, scenario: str, concurrency: in
         max_ms=data["max_us"] / 1000, requests=data["requests"], errors=sum(errors.values()),
         error_detail=errors,
         proxy_cpu_pct=round(100 * proxy_ticks / hz / elapsed, 1) if target.name != "direct" else 0.0,
-        upstream_cpu_pct=round(100 * upstream_ticks / hz / elapsed, 1), settle_s=settled,
+        upstream_cpu_pct=round(100 * upstream_ticks / hz / elapsed, 1), settle_s=settled, rss_mib=round(memory, 1),
     )
 
 
@@ -697,12 +729,14 @@ def main() -> int:
     if errors:
         print(f"\nWARNING: {errors} failed requests (non-2xx, timeouts or socket errors): this run is flagged")
     print(f"\nGateway predictions still unfinished at the end (the reconciler's backlog): {left}")
+    memory_lines, memory = memory_report(cells)
+    print("\nMemory:\n" + "\n".join(memory_lines))
     result = {
         "machine": facts, "versions": versions(nginx),
         "settings": {"gateway_transport": args.gateway_transport, "what_if": args.what_if, "duration_s": duration, "rounds": rounds, "concurrency": args.concurrency, "delays_ms": args.delays,
                      "proxy_cpus": proxy_cpus, "load_cpus": load_cpus},
         "rows": rows, "targets": verdicts, "cells": [asdict(c) for c in cells], "errors": errors,
-        "reconciler_backlog": left, "flagged": bool(errors),
+        "reconciler_backlog": left, "memory": memory, "flagged": bool(errors),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     args.output.write_text(json.dumps(result, indent=1) + "\n")
