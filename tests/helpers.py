@@ -93,3 +93,21 @@ def wait_until_all_final(db_url: str, timeout: float) -> float:
         time.sleep(0.25)
     pending = [(p["id"], p["status"], p["submission"]) for p in rows(db_url, "prediction") if p["status"] not in TERMINAL]
     raise AssertionError(f"still unfinished after {timeout} s: {pending}")
+
+
+def burst(gateway: Any, secret: str, count: int, model: str = "budget/model") -> list[httpx.Response]:
+    """`count` creates with `secret`, released together from as many threads."""
+
+    def one(i: int) -> httpx.Response:
+        with gateway.client(secret) as api:
+            return create(api, model, i=i)
+
+    return release_together(count, one)
+
+
+def same_minute(margin: float = 10) -> None:
+    """Wait for the next minute when this one ends within `margin` seconds, so the creates
+    that follow all count in one rate-limit minute."""
+    left = 60 - time.time() % 60
+    if left < margin:
+        time.sleep(left + 0.2)

@@ -11,18 +11,8 @@ import pytest
 from tests.conftest import Gateway
 from tests.dbtools import create_token, execute, rows
 from tests.fakes.relay import FakeRelay
-from tests.helpers import assert_problem, create, release_together, wait_terminal
+from tests.helpers import assert_problem, burst, create, wait_terminal
 from tests.invariants import check_ledger
-
-
-def burst(gateway: Gateway, secret: str, count: int, model: str = "budget/model") -> list[httpx.Response]:
-    """`count` creates released together from as many threads."""
-
-    def one(i: int) -> httpx.Response:
-        with gateway.client(secret) as api:
-            return create(api, model, i=i)
-
-    return release_together(count, one)
 
 
 def token_row(gateway: Gateway, name: str) -> dict[str, Any]:

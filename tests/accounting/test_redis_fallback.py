@@ -15,7 +15,14 @@ import pytest
 from tests.conftest import Gateway
 from tests.dbtools import create_token, rows
 from tests.fakes.relay import FakeRelay
-from tests.helpers import assert_problem, create, free_port, release_together, wait_terminal
+from tests.helpers import (
+    assert_problem,
+    burst,
+    create,
+    free_port,
+    same_minute,
+    wait_terminal,
+)
 
 PASSWORD = "redis-canary-4f1d"
 
@@ -27,19 +34,6 @@ def gateway(gateway_factory: Any) -> Gateway:
     return gw
 
 
-def same_minute(margin: float = 10) -> None:
-    """Wait for the next minute when this one ends within `margin` seconds."""
-    left = 60 - time.time() % 60
-    if left < margin:
-        time.sleep(left + 0.2)
-
-
-def burst(gateway: Gateway, secret: str, count: int) -> list[httpx.Response]:
-    def one(i: int) -> httpx.Response:
-        with gateway.client(secret) as api:
-            return create(api, "budget/model", i=i)
-
-    return release_together(count, one)
 
 
 def metrics_text(gateway: Gateway) -> str:

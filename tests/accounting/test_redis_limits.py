@@ -22,8 +22,10 @@ from tests.dbtools import create_token, execute, rows
 from tests.fakes.relay import FakeRelay
 from tests.helpers import (
     assert_problem,
+    burst,
     create,
     release_together,
+    same_minute,
     wait_terminal,
     wait_until_all_final,
 )
@@ -44,13 +46,6 @@ def store(redis_url: str) -> Iterator[redis.Redis]:
     with redis.Redis.from_url(redis_url, decode_responses=True) as client:
         yield client
 
-
-def same_minute(margin: float = 10) -> None:
-    """Wait for the next minute when this one ends within `margin` seconds, so the creates
-    that follow all count in one minute."""
-    left = 60 - time.time() % 60
-    if left < margin:
-        time.sleep(left + 0.2)
 
 
 def eventually(check: Callable[[], bool], timeout: float = 5) -> None:
@@ -92,15 +87,6 @@ def redis_errors(gateway: Gateway, operation: str) -> float:
                if ln.startswith(f'gateway_redis_errors_total{{operation="{operation}"}}')]
     return float(line.split()[-1])
 
-
-def burst(gateway: Gateway, secret: str, count: int) -> list[httpx.Response]:
-    """`count` creates released together from as many threads."""
-
-    def one(i: int) -> httpx.Response:
-        with gateway.client(secret) as api:
-            return create(api, "budget/model", i=i)
-
-    return release_together(count, one)
 
 
 class TestRateLimit:
