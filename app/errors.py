@@ -194,35 +194,52 @@ _STATUS_ERRORS: dict[int, type[GatewayError]] = {
 }
 
 
+async def on_gateway_error(_: Request, exc: Exception) -> Response:
+    """Our own errors, as they describe themselves."""
+    return problem_response(cast(GatewayError, exc))
+
+
+async def on_validation_error(_: Request, exc: Exception) -> Response:
+    """The framework's request validation, as Replicate's 422 with invalid_fields."""
+    errors = cast(RequestValidationError, exc).errors()
+    return problem_response(ValidationFailed(invalid_fields_from(errors)))
+
+
+async def on_http_error(_: Request, exc: Exception) -> Response:
+    """The framework's own HTTP errors (no route, wrong method...)."""
+    error_class = _STATUS_ERRORS.get(cast(StarletteHTTPException, exc).status_code)
+    if error_class is NotFound or error_class is None:
+        error: GatewayError = NotFound("The requested resource could not be found")
+    elif error_class is Unauthenticated:
+        error = Unauthenticated()
+    else:
+        error = error_class()
+    return problem_response(error)
+
+
+async def on_disconnect(request: Request, _: Exception) -> Response:
+    """The caller went away while sending its body: nothing was recorded, nobody reads this."""
+    log.info("request.client_disconnected", extra={"path": request.url.path})
+    return problem_response(BadRequest("The client disconnected before sending the whole request"))
+
+
+async def on_unexpected(request: Request, exc: Exception) -> Response:
+    """A bug: logged with its traceback, answered as a plain 500 problem."""
+    log.error("request.failed", exc_info=exc, extra={"path": request.url.path})
+    return problem_response(GatewayError("An unexpected error occurred"))
+
+
+async def error_response(request: Request, exc: Exception) -> Response:
+    """The answer to any exception a route raised, for code that runs outside the framework's handlers."""
+    if isinstance(exc, GatewayError):
+        return await on_gateway_error(request, exc)
+    if isinstance(exc, ClientDisconnect):
+        return await on_disconnect(request, exc)
+    return await on_unexpected(request, exc)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Render every error, ours or the framework's, as problem+json; never a bare 500."""
-
-    async def on_gateway_error(_: Request, exc: Exception) -> Response:
-        return problem_response(cast(GatewayError, exc))
-
-    async def on_validation_error(_: Request, exc: Exception) -> Response:
-        errors = cast(RequestValidationError, exc).errors()
-        return problem_response(ValidationFailed(invalid_fields_from(errors)))
-
-    async def on_http_error(_: Request, exc: Exception) -> Response:
-        error_class = _STATUS_ERRORS.get(cast(StarletteHTTPException, exc).status_code)
-        if error_class is NotFound or error_class is None:
-            error: GatewayError = NotFound("The requested resource could not be found")
-        elif error_class is Unauthenticated:
-            error = Unauthenticated()
-        else:
-            error = error_class()
-        return problem_response(error)
-
-    async def on_disconnect(request: Request, _: Exception) -> Response:
-        # The caller went away while sending its body: nothing was recorded, nobody reads this.
-        log.info("request.client_disconnected", extra={"path": request.url.path})
-        return problem_response(BadRequest("The client disconnected before sending the whole request"))
-
-    async def on_unexpected(request: Request, exc: Exception) -> Response:
-        log.error("request.failed", exc_info=exc, extra={"path": request.url.path})
-        return problem_response(GatewayError("An unexpected error occurred"))
-
     app.add_exception_handler(GatewayError, on_gateway_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)

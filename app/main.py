@@ -31,6 +31,7 @@ from app.observability import Metrics, RequestContext, RequestIdFilter
 from app.observability import router as observability_router
 from app.outputs.archiver import OutputArchiver
 from app.outputs.router import router as outputs_router
+from app.predictions.fastlane import FastLane
 from app.predictions.router import router as predictions_router
 from app.predictions.router import streams_router
 from app.predictions.service import PredictionService
@@ -166,6 +167,8 @@ def create_app(
         app.include_router(outputs_router, prefix=prefix)
     app.include_router(admin_router, prefix="/admin/v1")
     app.include_router(dashboard_router)
+    # Innermost of ours: the hot routes skip the framework but keep the body limit and request id.
+    app.add_middleware(FastLane)
     # An upload's form fields get the ordinary body allowance on top of the file limit.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
                        upload_max_bytes=settings.max_file_bytes + settings.max_body_bytes)
