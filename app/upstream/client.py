@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+import aiohttp
 import httpx
 import orjson
+from yarl import URL
 
 from app.errors import (
     GatewayError,
@@ -22,7 +24,7 @@ from app.errors import (
     UpstreamUnavailable,
 )
 from app.outbound import outbound_client
-from app.upstream.transport import AiohttpTransport
+from app.upstream.transport import cookieless_session
 
 log = logging.getLogger(__name__)
 
@@ -88,25 +90,47 @@ class UpstreamClient:
         headers = {"User-Agent": "replicate-gateway", "Accept": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        self._http = outbound_client(
-            base_url=self.base_url + "/",
-            headers=headers,
-            transport=transport if transport is not None else AiohttpTransport(max_connections=200),
-            timeout=httpx.Timeout(request_timeout, connect=connect_timeout),
+        # An injected httpx transport (the demo's in-process relay, tests' mock transports) is
+        # used through httpx; otherwise the gateway talks aiohttp directly, which costs a
+        # fraction of httpx's per-call work on every poll and create (bench/RESULTS.md).
+        self._http: httpx.AsyncClient | None = None
+        self._session: aiohttp.ClientSession | None = None
+        if transport is not None:
+            self._http = outbound_client(
+                base_url=self.base_url + "/",
+                headers=headers,
+                transport=transport,
+                timeout=httpx.Timeout(request_timeout, connect=connect_timeout),
+            )
+        self._headers = {**headers, "Accept-Encoding": "gzip, deflate"}
+        self._json_headers = {**self._headers, "Content-Type": "application/json"}
+        self._base = str(URL(self.base_url + "/"))
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=request_timeout, sock_connect=connect_timeout, sock_read=request_timeout
         )
         self._secrets = [s for s in (token, self.base_url, httpx.URL(self.base_url).host) if s]
 
+    def _aiohttp(self) -> aiohttp.ClientSession:
+        # Made on first use, inside the running loop, as aiohttp requires.
+        if self._session is None:
+            self._session = cookieless_session(max_connections=200)
+        return self._session
+
     async def aclose(self) -> None:
         """Close the pooled connections."""
-        await self._http.aclose()
+        if self._http is not None:
+            await self._http.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def reachable(self) -> bool:
         """Whether the upstream answers HTTP at all (any status), for the readiness check."""
         try:
-            response = await self._http.get("v1/", timeout=self._connect_timeout)
-        except httpx.HTTPError:
+            await self._exchange("GET", "v1/", content=None, headers=None,
+                                 connect_timeout=self._connect_timeout, read_timeout=self._connect_timeout)
+        except UpstreamFailure:
             return False
-        await response.aclose()
         return True
 
     async def create_prediction(
@@ -124,10 +148,9 @@ class UpstreamClient:
             headers["Prefer"] = prefer
         if cancel_after:
             headers["Cancel-After"] = cancel_after
-        read_timeout = self._create_timeout + (wait_seconds or 0)
         reply: dict[str, Any] = await self._call(
             "POST", path, operation="create", content=orjson.dumps(body), headers=headers,
-            request_timeout=httpx.Timeout(read_timeout, connect=self._connect_timeout),
+            read_timeout=self._create_timeout + (wait_seconds or 0),
         )
         return reply
 
@@ -154,14 +177,17 @@ class UpstreamClient:
         operation: str = "read",
         content: bytes | None = None,
         headers: dict[str, str] | None = None,
-        request_timeout: httpx.Timeout | None = None,
+        read_timeout: float | None = None,
         expect_object: bool = True,
     ) -> Any:
         started = time.perf_counter()
         error: str | None = None
         try:
-            return await self._send(method, path, content=content, headers=headers,
-                                    request_timeout=request_timeout, expect_object=expect_object)
+            status, response_headers, body = await self._exchange(
+                method, path, content=content, headers=headers,
+                connect_timeout=self._connect_timeout, read_timeout=read_timeout,
+            )
+            return self._interpret(status, response_headers, body, expect_object=expect_object)
         except UpstreamFailure as failure:
             error = str(failure.error.status)
             raise
@@ -169,22 +195,95 @@ class UpstreamClient:
             if self._observer is not None:
                 self._observer(self.name, operation, time.perf_counter() - started, error)
 
-    async def _send(
+    async def _exchange(
         self,
         method: str,
         path: str,
         *,
         content: bytes | None,
         headers: dict[str, str] | None,
-        request_timeout: httpx.Timeout | None,
-        expect_object: bool,
-    ) -> Any:
-        request = self._http.build_request(
-            method, path, content=content, headers=headers,
-            timeout=request_timeout if request_timeout is not None else httpx.USE_CLIENT_DEFAULT,
+        connect_timeout: float,
+        read_timeout: float | None,
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        """One request and its whole (capped) body; a transport failure is an UpstreamFailure
+        that says whether the request can have reached the upstream."""
+        if self._http is not None:
+            return await self._exchange_httpx(self._http, method, path, content=content, headers=headers,
+                                              connect_timeout=connect_timeout, read_timeout=read_timeout)
+        timeout = self._timeout
+        if read_timeout is not None or connect_timeout != self._connect_timeout:
+            read = read_timeout if read_timeout is not None else self._request_timeout
+            timeout = aiohttp.ClientTimeout(total=None, connect=read, sock_connect=connect_timeout, sock_read=read)
+        if headers:
+            sent_headers = {**(self._json_headers if content is not None else self._headers), **headers}
+        else:
+            sent_headers = self._json_headers if content is not None else self._headers
+        try:
+            # Our paths are built of percent-encoded segments: sent exactly as they are.
+            response = await self._aiohttp().request(
+                method, URL(self._base + path, encoded=True), headers=sent_headers, data=content,
+                allow_redirects=False, compress=False, timeout=timeout,
+                skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
+            )
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise self._transport_failure(exc) from None
+        try:
+            body = await self._read_capped(response.content.iter_any())
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise self._transport_failure(exc, after_sending=True) from None
+        finally:
+            response.release()
+        return response.status, response.headers, body
+
+    async def _read_capped(self, chunks: AsyncIterator[bytes]) -> bytes:
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in chunks:
+            size += len(chunk)
+            if size > self._max_body_bytes:
+                raise self._too_large()
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def _transport_failure(self, exc: BaseException, *, after_sending: bool = False) -> UpstreamFailure:
+        """Only a failure to connect proves nothing was sent; anything later may have been."""
+        kind = type(exc).__name__
+        if not after_sending and isinstance(
+            exc, aiohttp.ConnectionTimeoutError | aiohttp.ClientConnectorError | aiohttp.InvalidURL
+        ):
+            log.warning("upstream.unreachable", extra={"upstream": self.name, "error": kind})
+            return UpstreamFailure(UpstreamUnavailable(), maybe_sent=False)
+        if isinstance(exc, TimeoutError):  # aiohttp's read time-outs are TimeoutErrors too
+            log.warning("upstream.timeout", extra={"upstream": self.name, "error": kind})
+            return UpstreamFailure(UpstreamTimeout(), maybe_sent=True)
+        log.warning("upstream.transport_error", extra={"upstream": self.name, "error": kind})
+        return UpstreamFailure(UpstreamUnavailable(), maybe_sent=True)
+
+    def _too_large(self) -> UpstreamFailure:
+        log.warning("upstream.body_too_large", extra={"upstream": self.name})
+        return UpstreamFailure(
+            UpstreamInvalid("The upstream service returned a response that is too large"), maybe_sent=True
+        )
+
+    async def _exchange_httpx(
+        self,
+        http: httpx.AsyncClient,
+        method: str,
+        path: str,
+        *,
+        content: bytes | None,
+        headers: dict[str, str] | None,
+        connect_timeout: float,
+        read_timeout: float | None,
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        request = http.build_request(
+            method, path, content=content,
+            headers={"Content-Type": "application/json", **(headers or {})} if content is not None else headers,
+            timeout=httpx.Timeout(read_timeout if read_timeout is not None else self._request_timeout,
+                                  connect=connect_timeout),
         )
         try:
-            response = await self._http.send(request, stream=True)
+            response = await http.send(request, stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol) as exc:
             log.warning("upstream.unreachable", extra={"upstream": self.name, "error": type(exc).__name__})
             raise UpstreamFailure(UpstreamUnavailable(), maybe_sent=False) from None
@@ -195,32 +294,16 @@ class UpstreamClient:
             log.warning("upstream.transport_error", extra={"upstream": self.name, "error": type(exc).__name__})
             raise UpstreamFailure(UpstreamUnavailable(), maybe_sent=True) from None
         try:
-            body = await self._read_capped(response)
-        finally:
-            await response.aclose()
-        return self._interpret(response, body, expect_object=expect_object)
-
-    async def _read_capped(self, response: httpx.Response) -> bytes:
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > self._max_body_bytes:
-                    log.warning("upstream.body_too_large", extra={"upstream": self.name})
-                    raise UpstreamFailure(
-                        UpstreamInvalid("The upstream service returned a response that is too large"),
-                        maybe_sent=True,
-                    )
-                chunks.append(chunk)
+            body = await self._read_capped(response.aiter_bytes())
         except httpx.TimeoutException:
             raise UpstreamFailure(UpstreamTimeout(), maybe_sent=True) from None
         except httpx.TransportError:
             raise UpstreamFailure(UpstreamUnavailable(), maybe_sent=True) from None
-        return b"".join(chunks)
+        finally:
+            await response.aclose()
+        return response.status_code, response.headers, body
 
-    def _interpret(self, response: httpx.Response, body: bytes, *, expect_object: bool) -> Any:
-        status = response.status_code
+    def _interpret(self, status: int, headers: Mapping[str, str], body: bytes, *, expect_object: bool) -> Any:
         if 200 <= status < 300:
             try:
                 data = orjson.loads(body)
@@ -233,7 +316,7 @@ class UpstreamClient:
         log.warning("upstream.error_status", extra={"upstream": self.name, "status": status})
         if status == 429:
             raise UpstreamFailure(
-                Throttled(self._retry_after(response), "The upstream service is throttling requests"),
+                Throttled(self._retry_after(headers), "The upstream service is throttling requests"),
                 maybe_sent=False,
             )
         if status in (401, 403):
@@ -244,14 +327,14 @@ class UpstreamClient:
         if 300 <= status < 400 or status < 200:
             raise UpstreamFailure(UpstreamInvalid(), maybe_sent=True)
         title, detail, extra = self._scrubbed_problem(body, status)
-        headers = {}
-        if status in (503, 504) and _is_seconds(response.headers.get("retry-after", "")):
-            headers["Retry-After"] = str(self._retry_after(response))
-        error = UpstreamStatus(status, title, detail, headers=headers, extra=extra)
+        retry = {}
+        if status in (503, 504) and _is_seconds(headers.get("retry-after", "")):
+            retry["Retry-After"] = str(self._retry_after(headers))
+        error = UpstreamStatus(status, title, detail, headers=retry, extra=extra)
         raise UpstreamFailure(error, maybe_sent=status >= 500)
 
-    def _retry_after(self, response: httpx.Response) -> int:
-        value = response.headers.get("retry-after", "").strip()
+    def _retry_after(self, headers: Mapping[str, str]) -> int:
+        value = headers.get("retry-after", "").strip()
         if _is_seconds(value):
             return min(max(1, int(value)), MAX_RETRY_AFTER)
         return DEFAULT_RETRY_AFTER

@@ -1,4 +1,5 @@
-"""The aiohttp transport under httpx: errors mapped by whether the request can have been sent."""
+"""The gateway's direct aiohttp calls: errors classed by whether the request can have been sent,
+no cookie kept, no redirect followed, headers and bodies passed exactly."""
 
 from __future__ import annotations
 
@@ -6,15 +7,14 @@ import asyncio
 import gzip
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import httpx
 import pytest
 
-from app.outbound import outbound_client
-from app.upstream.transport import AiohttpTransport
+from app.errors import UpstreamStatus, UpstreamTimeout, UpstreamUnavailable
+from app.upstream.client import UpstreamClient, UpstreamFailure
 from tests.helpers import free_port
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
+Connect = Callable[[str], Awaitable[UpstreamClient]]
 
 async def _read_request(reader: asyncio.StreamReader) -> bytes:
     head = await reader.readuntil(b"\r\n\r\n")
@@ -46,19 +46,34 @@ async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[str]]]:
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    # As the gateway builds it: the transport under the shared outgoing-client settings.
-    async with outbound_client(transport=AiohttpTransport(), timeout=httpx.Timeout(1.0, connect=1.0)) as http:
-        yield http
+async def connect() -> AsyncIterator[Connect]:
+    # As the gateway builds it: no transport given, so aiohttp is called directly.
+    clients: list[UpstreamClient] = []
+
+    async def make(base: str) -> UpstreamClient:
+        client = UpstreamClient(name="relay", base_url=base + "/replicate", token="upstream-key",
+                                connect_timeout=1.0, request_timeout=1.0, create_timeout=0.3,
+                                max_body_bytes=10_000)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.aclose()
 
 
-async def test_a_refused_connection_is_a_connect_error(client: httpx.AsyncClient) -> None:
-    with pytest.raises(httpx.ConnectError):
-        await client.post(f"http://127.0.0.1:{free_port()}/v1/predictions", content=b"{}")
+async def test_a_refused_connection_was_never_sent(connect: Connect) -> None:
+    client = await connect(f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(UpstreamFailure) as caught:
+        await client.create_prediction("v1/predictions", {"input": {}}, prefer=None, cancel_after=None,
+                                       wait_seconds=None)
+    assert isinstance(caught.value.error, UpstreamUnavailable)
+    assert caught.value.maybe_sent is False
+    assert await client.reachable() is False
 
 
-async def test_a_connection_closed_after_the_request_arrived_is_not_a_connect_error(
-    client: httpx.AsyncClient, serve: Callable[[Handler], Awaitable[str]]
+async def test_a_connection_closed_after_the_request_arrived_may_have_been_sent(
+    connect: Connect, serve: Callable[[Handler], Awaitable[str]]
 ) -> None:
     received: list[bytes] = []
 
@@ -66,29 +81,50 @@ async def test_a_connection_closed_after_the_request_arrived_is_not_a_connect_er
         received.append(await _read_request(reader))
         writer.close()
 
-    base = await serve(close_after_reading)
-    with pytest.raises(httpx.TransportError) as caught:
-        await client.post(base + "/v1/predictions", content=b'{"input": {}}')
-    assert not isinstance(caught.value, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+    client = await connect(await serve(close_after_reading))
+    with pytest.raises(UpstreamFailure) as caught:
+        await client.create_prediction("v1/predictions", {"input": {}}, prefer=None, cancel_after=None,
+                                       wait_seconds=None)
+    assert isinstance(caught.value.error, UpstreamUnavailable)
+    assert caught.value.maybe_sent is True
     assert received
-    assert received[0].endswith(b'{"input": {}}')
+    assert received[0].endswith(b'{"input":{}}')
 
 
-async def test_a_silent_upstream_is_a_read_timeout(
-    client: httpx.AsyncClient, serve: Callable[[Handler], Awaitable[str]]
+async def test_a_silent_upstream_is_a_time_out_that_may_have_been_sent(
+    connect: Connect, serve: Callable[[Handler], Awaitable[str]]
 ) -> None:
     async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _read_request(reader)
         await asyncio.sleep(3)
         writer.close()
 
-    base = await serve(never_answer)
-    with pytest.raises(httpx.ReadTimeout):
-        await client.post(base + "/v1/predictions", content=b"{}", timeout=httpx.Timeout(0.3, connect=1.0))
+    client = await connect(await serve(never_answer))
+    with pytest.raises(UpstreamFailure) as caught:
+        await client.create_prediction("v1/predictions", {"input": {}}, prefer=None, cancel_after=None,
+                                       wait_seconds=None)
+    assert isinstance(caught.value.error, UpstreamTimeout)
+    assert caught.value.maybe_sent is True
+
+
+async def test_a_body_cut_short_may_have_been_sent(
+    connect: Connect, serve: Callable[[Handler], Awaitable[str]]
+) -> None:
+    async def half_a_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 100\r\n\r\n{\"id\": \"a")
+        await writer.drain()
+        writer.close()
+
+    client = await connect(await serve(half_a_body))
+    with pytest.raises(UpstreamFailure) as caught:
+        await client.create_prediction("v1/predictions", {"input": {}}, prefer=None, cancel_after=None,
+                                       wait_seconds=None)
+    assert caught.value.maybe_sent is True
 
 
 async def test_cookies_are_never_replayed_and_redirects_never_followed(
-    client: httpx.AsyncClient, serve: Callable[[Handler], Awaitable[str]]
+    connect: Connect, serve: Callable[[Handler], Awaitable[str]]
 ) -> None:
     requests: list[bytes] = []
 
@@ -102,34 +138,73 @@ async def test_cookies_are_never_replayed_and_redirects_never_followed(
             await writer.drain()
         writer.close()
 
-    base = await serve(set_cookie_and_redirect)
-    first = await client.get(base + "/v1/predictions/a")
-    second = await client.get(base + "/v1/predictions/b")
-    assert first.status_code == second.status_code == 302
+    client = await connect(await serve(set_cookie_and_redirect))
+    for upstream_id in ("a", "b"):
+        with pytest.raises(UpstreamFailure):
+            await client.get_prediction(upstream_id)
     assert len(requests) == 2
     assert all(b"cookie" not in r.lower().replace(b"set-cookie", b"") for r in requests)
+    assert all(b"/elsewhere" not in r for r in requests)
 
 
-async def test_headers_body_and_gzip_pass_through(
-    client: httpx.AsyncClient, serve: Callable[[Handler], Awaitable[str]]
+async def test_headers_body_path_and_gzip_pass_through(
+    connect: Connect, serve: Callable[[Handler], Awaitable[str]]
 ) -> None:
     requests: list[bytes] = []
     payload = b'{"id": "abc", "status": "starting"}'
 
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        requests.append(await _read_request(reader))
-        writer.write(_answer("201 Created", gzip.compress(payload), "Content-Encoding: gzip",
-                             "Content-Type: application/json"))
-        await writer.drain()
+        while True:
+            try:
+                requests.append(await _read_request(reader))
+            except asyncio.IncompleteReadError:
+                break
+            writer.write(_answer("201 Created", gzip.compress(payload), "Content-Encoding: gzip",
+                                 "Content-Type: application/json"))
+            await writer.drain()
         writer.close()
 
-    base = await serve(echo)
-    response = await client.post(base + "/v1/predictions", content=b'{"input": {"a": 1}}',
-                                 headers={"Authorization": "Bearer upstream-key", "Prefer": "wait=5"})
-    assert response.status_code == 201
-    assert response.content == payload
+    client = await connect(await serve(echo))
+    reply = await client.create_prediction("v1/models/o/n/predictions", {"input": {"a": 1}}, prefer="wait=5",
+                                           cancel_after="30s", wait_seconds=5)
+    assert reply == {"id": "abc", "status": "starting"}
     head = requests[0].lower()
+    assert head.startswith(b"post /replicate/v1/models/o/n/predictions http/1.1")
     assert head.count(b"content-length:") == 1
+    assert head.count(b"content-type: application/json") == 1
     assert b"authorization: bearer upstream-key" in head
     assert b"prefer: wait=5" in head
-    assert requests[0].endswith(b'{"input": {"a": 1}}')
+    assert b"cancel-after: 30s" in head
+    assert b"user-agent: replicate-gateway" in head
+    assert requests[0].endswith(b'{"input":{"a":1}}')
+    # An id is one encoded path segment, never a way out of it.
+    await client.get_prediction("../../admin x")
+    assert requests[1].lower().startswith(b"get /replicate/v1/predictions/..%2f..%2fadmin%20x http/1.1")
+    await client.get_prediction("..")
+    assert requests[2].startswith(b"GET /replicate/v1/predictions/%2E%2E HTTP/1.1")
+
+
+async def test_an_error_status_keeps_its_retry_after_and_a_huge_body_is_refused(
+    connect: Connect, serve: Callable[[Handler], Awaitable[str]]
+) -> None:
+    answers = [_answer("503 Service Unavailable", b"{}", "Retry-After: 7"),
+               _answer("200 OK", b"[" + b"1," * 10_000 + b"1]")]
+
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while answers:
+            try:
+                await _read_request(reader)
+            except asyncio.IncompleteReadError:
+                break
+            writer.write(answers.pop(0))
+            await writer.drain()
+        writer.close()
+
+    client = await connect(await serve(reply))
+    with pytest.raises(UpstreamFailure) as unavailable:
+        await client.get_prediction("a")
+    assert isinstance(unavailable.value.error, UpstreamStatus)
+    assert unavailable.value.error.headers == {"Retry-After": "7"}
+    with pytest.raises(UpstreamFailure) as too_large:
+        await client.get_json("v1/models/o/n")
+    assert "too large" in too_large.value.error.detail
