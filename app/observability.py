@@ -55,6 +55,17 @@ class Metrics:
                                     ["operation"], registry=self.registry)
         for operation in ("admit", "undo", "release"):
             self.redis_errors.labels(operation)
+        # Bounded by the routes' templates (never raw paths), methods and statuses.
+        self._request_counters: dict[tuple[str, str, int], Counter] = {}
+
+    def count_request(self, method: str, route: str, status: int) -> None:
+        """Count one answered request by its route template."""
+        # Each child counter is looked up once: labels() takes a lock and builds a key per call.
+        key = (method, route, status)
+        counter = self._request_counters.get(key)
+        if counter is None:
+            counter = self._request_counters[key] = self.requests.labels(method, route, str(status))
+        counter.inc()
 
     def observe_upstream(self, upstream: str, operation: str, seconds: float, error: str | None) -> None:
         """Record one upstream call."""
@@ -84,7 +95,7 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = dict(scope.get("headers", [])).get(b"x-request-id", b"").decode("latin-1")
+        given = next((value for name, value in scope["headers"] if name == b"x-request-id"), b"").decode("latin-1")
         request_id = given if _CLIENT_REQUEST_ID.match(given) else self._mint()
         token = REQUEST_ID.set(request_id)
         status = 500
@@ -100,7 +111,7 @@ class RequestContext:
             await self.app(scope, receive, send_with_id)
         finally:
             REQUEST_ID.reset(token)
-            self.metrics.requests.labels(scope["method"], _route_template(scope), str(status)).inc()
+            self.metrics.count_request(scope["method"], _route_template(scope), status)
 
 
 def _route_template(scope: Scope) -> str:

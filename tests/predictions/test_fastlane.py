@@ -94,3 +94,11 @@ def test_served_routes_answer_as_the_framework_would(gateway: Gateway, api: http
         plain = unprefixed.get(f"/v1/predictions/{prediction_id}").json()
     assert plain["urls"]["get"] == f"{gateway.url}/v1/predictions/{prediction_id}"
     assert plain["status"] == "succeeded"
+
+
+def test_each_host_gets_urls_of_its_own(gateway: Gateway, api: httpx.Client) -> None:
+    prediction_id = create(api).json()["id"]
+    for host in ("gw.example", "other.example:8443", "gw.example"):
+        for prefix in ("/replicate", ""):
+            answer = api.get(f"{gateway.url}{prefix}/v1/predictions/{prediction_id}", headers={"Host": host})
+            assert answer.json()["urls"]["get"] == f"http://{host}{prefix}/v1/predictions/{prediction_id}"
