@@ -14,7 +14,7 @@ from fnmatch import fnmatchcase
 from typing import Any, cast
 
 import orjson
-from sqlalchemy import Table, and_, or_, select, update
+from sqlalchemy import Table, and_, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm.attributes import set_committed_value
@@ -63,6 +63,14 @@ _MAY_FOLLOW = {
 
 
 _PREDICTIONS = cast(Table, Prediction.__table__)
+# A table-level insert: the ORM's flush (unit of work, identity map) cost a fifth of a create.
+_INSERT = insert(_PREDICTIONS)
+
+
+def _row_values(prediction: Prediction) -> dict[str, Any]:
+    """The columns a new prediction sets; unset ones are left to the database (SQL NULL)."""
+    values = {column.name: prediction.__dict__.get(column.key) for column in _PREDICTIONS.columns}
+    return {name: value for name, value in values.items() if value is not None}
 
 
 class NotLinked(Exception):
@@ -239,6 +247,8 @@ class PredictionService:
             webhook=webhook,
             webhook_events_filter=webhook_events_filter,
             public_base=public_base,
+            # What a flush would have filled in: the row is written by a plain insert below.
+            streamable=False, poll_attempts=0, webhook_sequence=0, outputs_archived=False,
         )
         # Rate and in-flight slots come from Redis when it answers; the database then checks
         # only the budget, and slots it refuses (or never records) are given back.
@@ -251,8 +261,7 @@ class PredictionService:
                     session, token_id=token.id, estimate_micros=prediction.estimate_micros, now=now,
                     limits_taken=held is not None,
                 )
-                session.add(prediction)
-                await session.flush()
+                await session.execute(_INSERT, _row_values(prediction))
                 await accounting.reserve(session, prediction_id=prediction.id, token_id=token.id,
                                          estimate_micros=prediction.estimate_micros)
                 await session.commit()
