@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import __version__
 from app.accounting import limits
@@ -48,6 +49,25 @@ from app.webhooks.router import router as webhooks_router
 
 API_PREFIXES = ("/replicate/v1", "/v1")
 log = logging.getLogger(__name__)
+
+
+class GatewayApp(FastAPI):
+    """FastAPI behind the gateway's own front layers: request ids and counting, the body limit and
+    the fast lane run before the framework's middleware stack, which only what the fast lane
+    passes on goes through."""
+
+    front: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.front is not None:
+            scope["app"] = self  # as the framework would, for routes that reach the app's state
+            await self.front(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+    async def framework(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The framework's own handling: its middleware stack, routing and dependencies."""
+        await super().__call__(scope, receive, send)
 
 
 class SchemaOutOfDate(RuntimeError):
@@ -147,7 +167,7 @@ def create_app(
                 hot_reads.dispose()
             await engine.dispose()
 
-    app = FastAPI(
+    app = GatewayApp(
         title="replicate-gateway",
         version=__version__,
         lifespan=lifespan,
@@ -167,11 +187,12 @@ def create_app(
         app.include_router(outputs_router, prefix=prefix)
     app.include_router(admin_router, prefix="/admin/v1")
     app.include_router(dashboard_router)
-    # Innermost of ours: the hot routes skip the framework but keep the body limit and request id.
-    app.add_middleware(FastLane)
+    # Outermost, so every answer (a 413 too) carries the request id and is counted; the hot
+    # routes are then served without the framework's stack, within the same body limit.
     # An upload's form fields get the ordinary body allowance on top of the file limit.
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
-                       upload_max_bytes=settings.max_file_bytes + settings.max_body_bytes)
-    # Outermost, so every answer (a 413 too) carries the request id and is counted.
-    app.add_middleware(RequestContext, metrics=metrics)
+    app.front = RequestContext(
+        BodySizeLimit(FastLane(app.framework), max_bytes=settings.max_body_bytes,
+                      upload_max_bytes=settings.max_file_bytes + settings.max_body_bytes),
+        metrics=metrics,
+    )
     return app

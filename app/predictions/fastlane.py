@@ -17,7 +17,7 @@ from app.predictions import router as routes
 # Clients poll a prediction every fraction of a second and create in bursts: these three calls are
 # nearly all of a gateway's traffic. They run the very route functions the framework would, with
 # the same caller check, public base and error rendering; only the framework's per-request work
-# (matching some sixty routes, solving dependencies, four wrapping middlewares) is left out.
+# (its middleware stack, matching some sixty routes, solving dependencies) is left out.
 _GET = re.compile(r"(/replicate)?/v1/predictions/([^/]+)\Z")
 _CREATE = re.compile(r"(/replicate)?/v1/predictions\Z")
 _CREATE_FOR_MODEL = re.compile(r"(/replicate)?/v1/models/([^/]+)/([^/]+)/predictions\Z")
