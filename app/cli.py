@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import re
 import sys
 from collections.abc import Sequence
@@ -369,7 +370,11 @@ def _serve(settings: Settings, host: str, port: int, *, demo: bool) -> int:
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
+    # uvicorn builds its access line's arguments for every response, even when the level then
+    # drops it: it is asked for only when INFO lines are kept. No Server header names the stack.
+    access_log = logging.getLogger("uvicorn.access").isEnabledFor(logging.INFO)
     uvicorn.run(app, host=host, port=port, log_config=None, proxy_headers=False,
+                access_log=access_log, server_header=False,
                 loop="uvloop" if sys.platform != "win32" else "asyncio", http="httptools")
     return 0
 

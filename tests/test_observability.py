@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import Gateway
 from tests.fakes.relay import FakeRelay
 from tests.helpers import create, free_port, wait_terminal
+from tests.processes import GatewayProcess
 
 
 def test_request_ids_are_echoed_or_minted_and_logged(
@@ -63,3 +66,25 @@ def test_metrics_count_requests_upstream_calls_predictions_and_spend(
         text = anonymous.get("/metrics").text
     assert prediction_id not in text
     assert 'route="/predictions/{prediction_id}"' in text
+
+
+@pytest.mark.parametrize(("level", "access_lines"), [("INFO", True), ("WARNING", False)])
+def test_a_served_gateway_logs_requests_only_at_info_and_names_no_server(
+    db_url: str, relay: FakeRelay, tmp_path: Path, level: str, access_lines: bool
+) -> None:
+    gateway = GatewayProcess(db_url=db_url, upstream_url=relay.upstream_url, upstream_token=relay.key,
+                             workdir=tmp_path, log_level=level).start()
+    try:
+        answer = httpx.get(gateway.url + "/predictions/abc", headers={"X-Request-Id": "access-check"})
+    finally:
+        gateway.stop()
+    assert answer.status_code == 401
+    assert "server" not in answer.headers
+    logged = [json.loads(line) for line in (tmp_path / f"gateway-{gateway.port}.log").read_text().splitlines()
+              if line.startswith("{")]
+    access = [entry for entry in logged if entry["logger"] == "uvicorn.access"
+              and "/replicate/v1/predictions/abc" in entry["event"]]
+    assert bool(access) is access_lines
+    if access_lines:
+        assert access[0]["request_id"] == "access-check"
+        assert access[0]["event"].endswith(" 401")
