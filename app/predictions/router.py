@@ -209,8 +209,10 @@ async def get_prediction(
     prediction_id: str, state: StateDep, caller: CallerDep, public: PublicBaseDep
 ) -> Response:
     """Get a prediction; a finished one is served from the ledger."""
-    prediction = await _service(state).get(caller.token, _prediction_id(prediction_id))
-    return _respond(prediction, public, state)
+    service = _service(state)
+    prediction = await service.get(caller.token, _prediction_id(prediction_id))
+    body = service.rendered(prediction, public, lambda row: orjson.dumps(rewrite.to_client(row, public, state.key)))
+    return Response(body, media_type="application/json")
 
 
 @router.post("/predictions/{prediction_id}/cancel")

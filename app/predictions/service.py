@@ -8,6 +8,7 @@ import hmac
 import logging
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from fnmatch import fnmatchcase
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 
 PAGE_SIZE = 100
 FINAL_CACHE_SIZE = 2000
+FINAL_BASES_KEPT = 4  # public bases (hosts, prefixes) a final prediction's answer is kept for
 FIRST_POLL_SECONDS = 2.0
 IN_DOUBT_MARGIN_SECONDS = 5.0
 UNKNOWN_MODEL = "unknown/unknown"
@@ -173,8 +175,10 @@ class PredictionService:
         self._settings = settings
         self._prices = settings.prices
         self._key = key
-        # Final predictions, which clients poll again and again, served without a database read.
+        # Final predictions, which clients poll again and again, served without a database read,
+        # each with its answer as already rendered for the public bases it was asked through.
         self._finals: OrderedDict[str, Prediction] = OrderedDict()
+        self._final_bodies: dict[str, dict[str, bytes]] = {}
         self._limits = limits if limits is not None else SharedLimits()
 
     async def create(
@@ -547,12 +551,27 @@ class PredictionService:
     async def get(self, token: ApiToken, prediction_id: str) -> Prediction:
         """The caller's prediction, refreshed from the upstream unless it is already final."""
         row = await self.refreshed(await self.owned(token, prediction_id))
-        if self._never_changes(row):
-            self._finals[row.id] = row
+        if self._finals.get(row.id) is row:
             self._finals.move_to_end(row.id)
+        elif self._never_changes(row):
+            self._finals[row.id] = row
+            self._final_bodies.pop(row.id, None)
             while len(self._finals) > FINAL_CACHE_SIZE:
-                self._finals.popitem(last=False)
+                evicted, _ = self._finals.popitem(last=False)
+                self._final_bodies.pop(evicted, None)
         return row
+
+    def rendered(self, row: Prediction, public_base: str, render: Callable[[Prediction], bytes]) -> bytes:
+        """`render(row)`, kept for a final prediction: it is the same bytes every time it is asked."""
+        if self._finals.get(row.id) is not row:
+            return render(row)
+        bodies = self._final_bodies.setdefault(row.id, {})
+        body = bodies.get(public_base)
+        if body is None:
+            if len(bodies) >= FINAL_BASES_KEPT:
+                bodies.clear()
+            body = bodies[public_base] = render(row)
+        return body
 
     def _never_changes(self, row: Prediction) -> bool:
         # A final row is fixed, except that the archiver may still swap a succeeded one's outputs.

@@ -96,9 +96,17 @@ def test_served_routes_answer_as_the_framework_would(gateway: Gateway, api: http
     assert plain["status"] == "succeeded"
 
 
-def test_each_host_gets_urls_of_its_own(gateway: Gateway, api: httpx.Client) -> None:
+@pytest.mark.parametrize("final", [False, True])
+def test_each_host_gets_urls_of_its_own(gateway: Gateway, api: httpx.Client, final: bool) -> None:
+    # A final prediction's answer is kept once rendered: never for another host or prefix.
     prediction_id = create(api).json()["id"]
-    for host in ("gw.example", "other.example:8443", "gw.example"):
+    if final:
+        wait_terminal(api, prediction_id)
+    hosts = ("gw.example", "other.example:8443", "gw.example", "a.example", "b.example", "c.example", "gw.example")
+    for host in hosts:
         for prefix in ("/replicate", ""):
             answer = api.get(f"{gateway.url}{prefix}/v1/predictions/{prediction_id}", headers={"Host": host})
             assert answer.json()["urls"]["get"] == f"http://{host}{prefix}/v1/predictions/{prediction_id}"
+            assert answer.json()["urls"]["web"] == f"http://{host}/dashboard/predictions/{prediction_id}"
+            if final:
+                assert answer.json()["status"] == "succeeded"
