@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from contextvars import ContextVar, Token
 from pathlib import Path
 from typing import Any, TypeVar
@@ -87,6 +88,59 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 
 
 _holding_write_lock: ContextVar[bool] = ContextVar("holding_write_lock", default=False)
+_background_writer: ContextVar[bool] = ContextVar("background_writer", default=False)
+# How many writers in a row answering requests may go before a waiting background job.
+FOREGROUND_BURST = 4
+
+
+def write_in_background() -> None:
+    """Mark the current task (and the tasks it starts) as background work: its SQLite write
+    transactions queue behind those of requests being answered, within FOREGROUND_BURST."""
+    _background_writer.set(True)
+
+
+class WriteLock:
+    """One process's queue for SQLite's single writer, handed over in arrival order, except
+    that requests go first: a reconciler pass can settle dozens of predictions at once, and a
+    client's create must not wait behind all of them. Background work still gets every
+    FOREGROUND_BURST-th turn, so settlement never starves under load."""
+
+    def __init__(self) -> None:
+        self._held = False
+        self._foreground: deque[asyncio.Future[None]] = deque()
+        self._background: deque[asyncio.Future[None]] = deque()
+        self._foreground_streak = 0
+
+    async def acquire(self, *, background: bool) -> None:
+        """Wait for the lock; it is held on return."""
+        if not self._held and not self._foreground and not self._background:
+            self._held = True
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        queue = self._background if background else self._foreground
+        queue.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed over just as this task was cancelled: pass it on
+            elif waiter in queue:
+                queue.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        """Hand the lock to the next waiter, or free it."""
+        background_due = self._background and (not self._foreground
+                                                or self._foreground_streak >= FOREGROUND_BURST)
+        order = (self._background, self._foreground) if background_due else (self._foreground, self._background)
+        for queue in order:
+            while queue:
+                waiter = queue.popleft()
+                if not waiter.done():
+                    self._foreground_streak = 0 if queue is self._background else self._foreground_streak + 1
+                    waiter.set_result(None)
+                    return
+        self._held = False
 
 
 class QueuedWriteSession(AsyncSession):
@@ -98,14 +152,14 @@ class QueuedWriteSession(AsyncSession):
     the moment it is free. A session opened while the task already holds the lock does not
     queue again (that would deadlock); other processes are still kept out by SQLite itself."""
 
-    def __init__(self, *args: Any, write_lock: asyncio.Lock, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, write_lock: WriteLock, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._write_lock = write_lock
         self._holding: Token[bool] | None = None
 
     async def __aenter__(self) -> QueuedWriteSession:
         if not _holding_write_lock.get():
-            await self._write_lock.acquire()
+            await self._write_lock.acquire(background=_background_writer.get())
             self._holding = _holding_write_lock.set(True)
         return self
 
@@ -123,7 +177,7 @@ def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     """Sessions that keep loaded rows usable after commit (queued for the write lock on SQLite)."""
     if engine.dialect.name == "sqlite":
         return async_sessionmaker(engine, class_=QueuedWriteSession, expire_on_commit=False,
-                                  write_lock=asyncio.Lock())
+                                  write_lock=WriteLock())
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
