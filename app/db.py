@@ -12,7 +12,17 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, MetaData, Select, create_engine, event, make_url
+from sqlalchemy import (
+    Engine,
+    MetaData,
+    Select,
+    bindparam,
+    create_engine,
+    event,
+    inspect,
+    make_url,
+    select,
+)
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -199,6 +209,7 @@ class HotReads:
         self._read_sessions = read_sessions
         self._sync: sessionmaker[Session] | None = None
         self._sync_engine: Engine | None = None
+        self._by_key_statements: dict[type[Any], tuple[Select[Any], list[str]]] = {}
         if engine.dialect.name == "sqlite":
             self._sync_engine = create_engine(
                 engine.url.set(drivername="sqlite"), poolclass=SingletonThreadPool,
@@ -208,12 +219,27 @@ class HotReads:
             self._sync = sessionmaker(self._sync_engine, expire_on_commit=False)
 
     async def get(self, entity: type[T], ident: Any) -> T | None:
-        """A row by primary key."""
-        if self._sync is not None:
-            with self._sync() as session:
-                return session.get(entity, ident)
+        """A row by primary key (on SQLite a new, session-less object; never write it back)."""
+        if self._sync_engine is not None:
+            statement, keys = self._by_key(entity)
+            with self._sync_engine.connect() as connection:
+                row = connection.execute(statement, {"key": ident}).first()
+            # Built from the row directly: the ORM's identity map and loaders cost a running
+            # prediction's poll more than the read itself.
+            return None if row is None else entity(**dict(zip(keys, row, strict=True)))
         async with self._read_sessions() as session:
             return await session.get(entity, ident)
+
+    def _by_key(self, entity: type[Any]) -> tuple[Select[Any], list[str]]:
+        found = self._by_key_statements.get(entity)
+        if found is None:
+            mapper = inspect(entity)
+            (key_column,) = mapper.primary_key
+            columns = list(mapper.local_table.columns)
+            found = (select(*columns).where(key_column == bindparam("key")),
+                     [mapper.get_property_by_column(column).key for column in columns])
+            self._by_key_statements[entity] = found
+        return found
 
     async def first(self, query: Select[Any]) -> Any:
         """The first entity a query selects, or None."""
