@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import sqlite3
 from collections import deque
 from contextvars import ContextVar, Token
 from pathlib import Path
@@ -44,6 +47,7 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 READ_ONLY_OPTION = "gateway_read_only"
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
@@ -55,8 +59,11 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
-def make_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
-    """An async engine; on SQLite, WAL and write-locking transactions (BEGIN IMMEDIATE)."""
+def make_engine(database_url: str, *, checkpoint_on_commit: bool = True, **kwargs: Any) -> AsyncEngine:
+    """An async engine; on SQLite, WAL and write-locking transactions (BEGIN IMMEDIATE).
+
+    With `checkpoint_on_commit=False` no commit copies the write-ahead log back into the
+    database file: run a WalCheckpointer beside the engine instead."""
     url = to_async_url(database_url)
     if url.startswith("sqlite"):
         parsed = make_url(url)
@@ -67,7 +74,7 @@ def make_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
             async_creator=sqlite_inline.connector(parsed.database or "", uri=parsed.query.get("uri") == "true"),
             **kwargs,
         )
-        _configure_sqlite(engine)
+        _configure_sqlite(engine, checkpoint_on_commit=checkpoint_on_commit)
         return engine
     connect_args = {"server_settings": {"timezone": "UTC"}}
     return create_async_engine(
@@ -75,7 +82,11 @@ def make_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
     )
 
 
-def _configure_sqlite(engine: AsyncEngine) -> None:
+def _configure_sqlite(engine: AsyncEngine, *, checkpoint_on_commit: bool) -> None:
+    pragmas = ["journal_mode=WAL", "foreign_keys=ON", "synchronous=NORMAL"]
+    if not checkpoint_on_commit:
+        pragmas.append("wal_autocheckpoint=0")
+
     # SQLAlchemy's documented pysqlite recipe: take the write lock when a transaction
     # begins, so read-then-write transactions never fail with "database is locked".
     @event.listens_for(engine.sync_engine, "connect")
@@ -84,7 +95,7 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         cursor = dbapi_connection.cursor()
         # No busy_timeout: a lock held by another process is waited out without blocking the
         # event loop (app/sqlite_inline.py).
-        for pragma in ("journal_mode=WAL", "foreign_keys=ON", "synchronous=NORMAL"):
+        for pragma in pragmas:
             cursor.execute(f"PRAGMA {pragma}")
         cursor.close()
 
@@ -95,6 +106,50 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
             connection.exec_driver_sql("BEGIN")
         else:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class WalCheckpointer:
+    """Copies SQLite's write-ahead log back into the database file on a worker thread.
+
+    SQLite otherwise does it inside whichever commit takes the log past 1,000 pages: on the
+    event loop's thread, a few megabytes of copying and two fsyncs in the middle of a request,
+    every few dozen creates. A passive checkpoint here never waits for, or blocks, a reader or
+    a writer; the sqlite3 module lets go of the GIL while it runs."""
+
+    INTERVAL_SECONDS = 0.2
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._path = engine.url.database or ""
+        self._uri = engine.url.query.get("uri") == "true"
+        self._connection: sqlite3.Connection | None = None
+
+    @staticmethod
+    def applies_to(engine: AsyncEngine) -> bool:
+        """Whether the engine is a SQLite database in a file."""
+        return engine.dialect.name == "sqlite" and (engine.url.database or ":memory:") != ":memory:"
+
+    def checkpoint(self) -> tuple[int, int, int]:
+        """One passive checkpoint: (busy, pages in the log, pages copied back). Blocking."""
+        if self._connection is None:
+            self._connection = sqlite3.connect(self._path, uri=self._uri, timeout=0, isolation_level=None,
+                                               check_same_thread=False)
+        busy, logged, copied = self._connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return int(busy), int(logged), int(copied)
+
+    async def run_until(self, stop: asyncio.Event) -> None:
+        """Checkpoint every INTERVAL_SECONDS until `stop` is set, then close the connection."""
+        try:
+            while not stop.is_set():
+                try:
+                    await asyncio.to_thread(self.checkpoint)
+                except sqlite3.Error as exc:
+                    log.warning("sqlite.checkpoint_failed", extra={"error": type(exc).__name__})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.INTERVAL_SECONDS)
+        finally:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
 
 
 _holding_write_lock: ContextVar[bool] = ContextVar("holding_write_lock", default=False)
