@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
-import sqlite3
-from collections import deque
 from contextvars import ContextVar, Token
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,7 +43,6 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 READ_ONLY_OPTION = "gateway_read_only"
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
@@ -59,11 +54,8 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
-def make_engine(database_url: str, *, checkpoint_on_commit: bool = True, **kwargs: Any) -> AsyncEngine:
-    """An async engine; on SQLite, WAL and write-locking transactions (BEGIN IMMEDIATE).
-
-    With `checkpoint_on_commit=False` no commit copies the write-ahead log back into the
-    database file: run a WalCheckpointer beside the engine instead."""
+def make_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
+    """An async engine; on SQLite, WAL and write-locking transactions (BEGIN IMMEDIATE)."""
     url = to_async_url(database_url)
     if url.startswith("sqlite"):
         parsed = make_url(url)
@@ -74,7 +66,7 @@ def make_engine(database_url: str, *, checkpoint_on_commit: bool = True, **kwarg
             async_creator=sqlite_inline.connector(parsed.database or "", uri=parsed.query.get("uri") == "true"),
             **kwargs,
         )
-        _configure_sqlite(engine, checkpoint_on_commit=checkpoint_on_commit)
+        _configure_sqlite(engine)
         return engine
     connect_args = {"server_settings": {"timezone": "UTC"}}
     return create_async_engine(
@@ -82,11 +74,7 @@ def make_engine(database_url: str, *, checkpoint_on_commit: bool = True, **kwarg
     )
 
 
-def _configure_sqlite(engine: AsyncEngine, *, checkpoint_on_commit: bool) -> None:
-    pragmas = ["journal_mode=WAL", "foreign_keys=ON", "synchronous=NORMAL"]
-    if not checkpoint_on_commit:
-        pragmas.append("wal_autocheckpoint=0")
-
+def _configure_sqlite(engine: AsyncEngine) -> None:
     # SQLAlchemy's documented pysqlite recipe: take the write lock when a transaction
     # begins, so read-then-write transactions never fail with "database is locked".
     @event.listens_for(engine.sync_engine, "connect")
@@ -95,7 +83,7 @@ def _configure_sqlite(engine: AsyncEngine, *, checkpoint_on_commit: bool) -> Non
         cursor = dbapi_connection.cursor()
         # No busy_timeout: a lock held by another process is waited out without blocking the
         # event loop (app/sqlite_inline.py).
-        for pragma in pragmas:
+        for pragma in ("journal_mode=WAL", "foreign_keys=ON", "synchronous=NORMAL"):
             cursor.execute(f"PRAGMA {pragma}")
         cursor.close()
 
@@ -108,104 +96,7 @@ def _configure_sqlite(engine: AsyncEngine, *, checkpoint_on_commit: bool) -> Non
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-class WalCheckpointer:
-    """Copies SQLite's write-ahead log back into the database file on a worker thread.
-
-    SQLite otherwise does it inside whichever commit takes the log past 1,000 pages: on the
-    event loop's thread, a few megabytes of copying and two fsyncs in the middle of a request,
-    every few dozen creates. A passive checkpoint here never waits for, or blocks, a reader or
-    a writer; the sqlite3 module lets go of the GIL while it runs."""
-
-    INTERVAL_SECONDS = 0.2
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._path = engine.url.database or ""
-        self._uri = engine.url.query.get("uri") == "true"
-        self._connection: sqlite3.Connection | None = None
-
-    @staticmethod
-    def applies_to(engine: AsyncEngine) -> bool:
-        """Whether the engine is a SQLite database in a file."""
-        return engine.dialect.name == "sqlite" and (engine.url.database or ":memory:") != ":memory:"
-
-    def checkpoint(self) -> tuple[int, int, int]:
-        """One passive checkpoint: (busy, pages in the log, pages copied back). Blocking."""
-        if self._connection is None:
-            self._connection = sqlite3.connect(self._path, uri=self._uri, timeout=0, isolation_level=None,
-                                               check_same_thread=False)
-        busy, logged, copied = self._connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        return int(busy), int(logged), int(copied)
-
-    async def run_until(self, stop: asyncio.Event) -> None:
-        """Checkpoint every INTERVAL_SECONDS until `stop` is set, then close the connection."""
-        try:
-            while not stop.is_set():
-                try:
-                    await asyncio.to_thread(self.checkpoint)
-                except sqlite3.Error as exc:
-                    log.warning("sqlite.checkpoint_failed", extra={"error": type(exc).__name__})
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.INTERVAL_SECONDS)
-        finally:
-            if self._connection is not None:
-                self._connection.close()
-                self._connection = None
-
-
 _holding_write_lock: ContextVar[bool] = ContextVar("holding_write_lock", default=False)
-_background_writer: ContextVar[bool] = ContextVar("background_writer", default=False)
-# How many writers in a row answering requests may go before a waiting background job.
-FOREGROUND_BURST = 4
-
-
-def write_in_background() -> None:
-    """Mark the current task (and the tasks it starts) as background work: its SQLite write
-    transactions queue behind those of requests being answered, within FOREGROUND_BURST."""
-    _background_writer.set(True)
-
-
-class WriteLock:
-    """One process's queue for SQLite's single writer, handed over in arrival order, except
-    that requests go first: a reconciler pass can settle dozens of predictions at once, and a
-    client's create must not wait behind all of them. Background work still gets every
-    FOREGROUND_BURST-th turn, so settlement never starves under load."""
-
-    def __init__(self) -> None:
-        self._held = False
-        self._foreground: deque[asyncio.Future[None]] = deque()
-        self._background: deque[asyncio.Future[None]] = deque()
-        self._foreground_streak = 0
-
-    async def acquire(self, *, background: bool) -> None:
-        """Wait for the lock; it is held on return."""
-        if not self._held and not self._foreground and not self._background:
-            self._held = True
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        queue = self._background if background else self._foreground
-        queue.append(waiter)
-        try:
-            await waiter
-        except BaseException:
-            if waiter.done() and not waiter.cancelled():
-                self.release()  # handed over just as this task was cancelled: pass it on
-            elif waiter in queue:
-                queue.remove(waiter)
-            raise
-
-    def release(self) -> None:
-        """Hand the lock to the next waiter, or free it."""
-        background_due = self._background and (not self._foreground
-                                                or self._foreground_streak >= FOREGROUND_BURST)
-        order = (self._background, self._foreground) if background_due else (self._foreground, self._background)
-        for queue in order:
-            while queue:
-                waiter = queue.popleft()
-                if not waiter.done():
-                    self._foreground_streak = 0 if queue is self._background else self._foreground_streak + 1
-                    waiter.set_result(None)
-                    return
-        self._held = False
 
 
 class QueuedWriteSession(AsyncSession):
@@ -217,14 +108,14 @@ class QueuedWriteSession(AsyncSession):
     the moment it is free. A session opened while the task already holds the lock does not
     queue again (that would deadlock); other processes are still kept out by SQLite itself."""
 
-    def __init__(self, *args: Any, write_lock: WriteLock, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, write_lock: asyncio.Lock, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._write_lock = write_lock
         self._holding: Token[bool] | None = None
 
     async def __aenter__(self) -> QueuedWriteSession:
         if not _holding_write_lock.get():
-            await self._write_lock.acquire(background=_background_writer.get())
+            await self._write_lock.acquire()
             self._holding = _holding_write_lock.set(True)
         return self
 
@@ -242,7 +133,7 @@ def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     """Sessions that keep loaded rows usable after commit (queued for the write lock on SQLite)."""
     if engine.dialect.name == "sqlite":
         return async_sessionmaker(engine, class_=QueuedWriteSession, expire_on_commit=False,
-                                  write_lock=WriteLock())
+                                  write_lock=asyncio.Lock())
     return async_sessionmaker(engine, expire_on_commit=False)
 
 

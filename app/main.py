@@ -18,7 +18,6 @@ from app.config import Settings
 from app.dashboard.router import router as dashboard_router
 from app.db import (
     HotReads,
-    WalCheckpointer,
     make_engine,
     make_read_sessionmaker,
     make_sessionmaker,
@@ -102,7 +101,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = make_engine(settings.database_url, checkpoint_on_commit=False)
+        engine = make_engine(settings.database_url)
         registry: Registry | None = None
         hot_reads: HotReads | None = None
         redis = limits.connect(settings)
@@ -142,8 +141,6 @@ def create_app(
                 settings=settings, archiver=archiver,
             )
             stop = asyncio.Event()
-            checkpointing = (asyncio.create_task(WalCheckpointer(engine).run_until(stop), name="checkpoints")
-                             if WalCheckpointer.applies_to(engine) else None)
             reconciling = asyncio.create_task(reconciler.run_until(stop), name="reconciler")
             deliverer = Deliverer(sessions=sessions, settings=settings, key=key)
             delivering = asyncio.create_task(deliverer.run_until(stop), name="webhooks")
@@ -161,8 +158,6 @@ def create_app(
                     log.error("webhooks.stop_timed_out")
                 await deliverer.aclose()
                 await archiver.aclose()
-                if checkpointing is not None:
-                    await checkpointing
         finally:
             if registry is not None:
                 await registry.aclose()

@@ -13,7 +13,6 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.columns import utcnow
 from app.config import Settings
-from app.db import write_in_background
 from app.errors import Throttled
 from app.outputs.archiver import OutputArchiver
 from app.predictions.models import Prediction, Submission
@@ -72,7 +71,6 @@ class Reconciler:
 
         It stops between passes, never inside one: a pass cancelled mid-transaction could
         leave a connection holding SQLite's write lock."""
-        write_in_background()
         while not stop.is_set():
             try:
                 await self.run_once()

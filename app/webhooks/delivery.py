@@ -17,7 +17,6 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.columns import utcnow
 from app.config import Settings
-from app.db import write_in_background
 from app.outbound import outbound_client
 from app.webhooks import guard
 from app.webhooks.models import DeliveryStatus, WebhookDelivery
@@ -110,7 +109,6 @@ class Deliverer:
 
     async def run_until(self, stop: asyncio.Event) -> None:
         """Deliver every interval until `stop` is set; it stops between passes, never inside one."""
-        write_in_background()
         while not stop.is_set():
             try:
                 await self.run_once()
