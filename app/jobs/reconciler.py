@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 BATCH_SIZE = 50
 CONCURRENCY = 16
+RECORDING = 2
 FORGOTTEN_AFTER_ATTEMPTS = 3
 IDEMPOTENCY_KEY_HOURS = 24
 KEY_SWEEP_EVERY = timedelta(minutes=10)
@@ -62,6 +63,9 @@ class Reconciler:
         self._service = service
         self._settings = settings
         self._archiver = archiver
+        # Polls run CONCURRENCY at a time, but their results are recorded RECORDING at a time:
+        # a request's write transaction then waits behind a few settlements, not a whole batch.
+        self._recording = asyncio.Semaphore(RECORDING)
         self._lease = timedelta(seconds=settings.request_timeout + settings.connect_timeout + 5)
         self._keys_expired_at: datetime | None = None
         self._backlog = False
@@ -173,7 +177,8 @@ class Reconciler:
             if expired:
                 await self._service.force_finish(claim.id, status="failed", reason=EXPIRED_REASON)
             return
-        row = await self._service.apply_upstream_state(claim.id, reply, upstream_name=claim.upstream)
+        async with self._recording:
+            row = await self._service.apply_upstream_state(claim.id, reply, upstream_name=claim.upstream)
         if expired and not row.is_terminal:
             await self._service.force_finish(claim.id, status="canceled", reason=EXPIRED_REASON)
 

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app.jobs.reconciler import CONCURRENCY, RECORDING
 from tests.conftest import Gateway
 from tests.dbtools import create_token, rows
 from tests.fakes.relay import FakeRelay
@@ -125,3 +126,31 @@ def test_kill_9_during_creates_then_restart_settles_everything_within_a_minute(
         second.stop()
     assert elapsed < 60
     check_all(db_url, relay, settled=True)
+
+
+def test_a_batch_records_its_results_a_few_at_a_time(gateway_factory: Any, relay: FakeRelay) -> None:
+    # Polls run side by side, but each result is a write transaction: recorded a few at a time, a
+    # client's create waits behind those few, not behind the whole batch.
+    gateway: Gateway = gateway_factory(reconcile_interval=0.2, poll_backoff_max=60)
+    relay.starting_seconds, relay.processing_seconds = 0.2, 0
+    service = gateway.server.server.config.app.state.gateway.predictions
+    original = service.apply_upstream_state
+    recording = {"now": 0, "most": 0, "calls": 0}
+
+    async def spy(*args: Any, **kwargs: Any) -> Any:
+        recording["now"] += 1
+        recording["calls"] += 1
+        recording["most"] = max(recording["most"], recording["now"])
+        try:
+            return await original(*args, **kwargs)
+        finally:
+            recording["now"] -= 1
+
+    with gateway.client(create_token(gateway.db_url, "batch")) as api:
+        created = [create(api, "budget/model", i=i) for i in range(40)]
+    assert {r.json()["status"] for r in created} == {"starting"}
+    service.apply_upstream_state = spy
+    wait_until_all_final(gateway.db_url, 30)
+    assert recording["calls"] >= 40
+    assert 1 <= recording["most"] <= RECORDING < CONCURRENCY
+    check_ledger(gateway.db_url, settled=True)
