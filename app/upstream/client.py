@@ -143,7 +143,7 @@ class UpstreamClient:
         wait_seconds: int | None,
     ) -> dict[str, Any]:
         """POST a create; never retried, since bytes may have reached the upstream."""
-        headers = {"Content-Type": "application/json"}
+        headers: dict[str, str] = {}  # Content-Type comes with the JSON body in _exchange
         if prefer:
             headers["Prefer"] = prefer
         if cancel_after:
