@@ -18,6 +18,7 @@ from app.config import Settings
 from app.dashboard.router import router as dashboard_router
 from app.db import (
     HotReads,
+    Transactions,
     make_engine,
     make_read_sessionmaker,
     make_sessionmaker,
@@ -104,6 +105,7 @@ def create_app(
         engine = make_engine(settings.database_url)
         registry: Registry | None = None
         hot_reads: HotReads | None = None
+        transactions: Transactions | None = None
         redis = limits.connect(settings)
         try:
             if not await schema_is_current(engine):
@@ -113,6 +115,7 @@ def create_app(
             sessions = make_sessionmaker(engine)
             read_sessions = make_read_sessionmaker(engine)
             hot_reads = HotReads(engine, read_sessions)
+            transactions = Transactions(engine, sessions)
             async with sessions() as session:
                 key = await load_instance_key(
                     session, settings.secret_key.get_secret_value() if settings.secret_key else None
@@ -127,7 +130,7 @@ def create_app(
                 registry=registry,
                 key=key,
                 predictions=PredictionService(
-                    sessions=sessions, read_sessions=read_sessions, hot_reads=hot_reads, registry=registry,
+                    transactions=transactions, read_sessions=read_sessions, hot_reads=hot_reads, registry=registry,
                     settings=settings,
                     key=key, limits=limits.SharedLimits.from_settings(settings, redis, metrics.redis_failed),
                 ),
@@ -165,6 +168,8 @@ def create_app(
                 await redis.aclose()
             if hot_reads is not None:
                 hot_reads.dispose()
+            if transactions is not None:
+                transactions.dispose()
             await engine.dispose()
 
     app = GatewayApp(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 LOCK_WAIT_SECONDS = 10.0
@@ -25,9 +25,20 @@ _FIRST_BACKOFF = 0.0005
 _MAX_BACKOFF = 0.02
 
 
-def _locked(error: sqlite3.OperationalError) -> bool:
+def locked(error: BaseException | None) -> bool:
+    """Whether a sqlite3 error says another connection holds the lock."""
+    if not isinstance(error, sqlite3.OperationalError):
+        return False
     text = str(error).lower()
     return "locked" in text or "busy" in text
+
+
+def pauses() -> Iterator[float]:
+    """Back-off pauses between attempts to take a lock another process holds."""
+    pause = _FIRST_BACKOFF
+    while True:
+        yield pause
+        pause = min(pause * 2, _MAX_BACKOFF)
 
 
 class _ImmediateQueue:
@@ -123,16 +134,15 @@ class InlineConnection:
         """Run one call; outside a transaction, wait out another process's lock without
         blocking the loop."""
         deadline = time.monotonic() + self._lock_wait
-        pause = _FIRST_BACKOFF
-        while True:
+        for pause in pauses():
             began_in_transaction = self._conn.in_transaction
             try:
                 return statement()
             except sqlite3.OperationalError as error:
-                if began_in_transaction or not _locked(error) or time.monotonic() >= deadline:
+                if began_in_transaction or not locked(error) or time.monotonic() >= deadline:
                     raise
             await asyncio.sleep(pause)
-            pause = min(pause * 2, _MAX_BACKOFF)
+        raise AssertionError("unreachable")  # pauses() never ends
 
     def cursor(self) -> InlineCursor:
         return InlineCursor(self)

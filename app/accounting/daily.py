@@ -19,7 +19,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base
@@ -76,10 +76,10 @@ def _upsert(dialect: Any) -> Any:
 _UPSERTS = {"postgresql": _upsert(postgresql), "sqlite": _upsert(sqlite)}
 
 
-async def add_closed(session: AsyncSession, *, prediction_id: str, charged_micros: int) -> None:
+def add_closed(connection: Connection, *, prediction_id: str, charged_micros: int) -> None:
     """Count a prediction that has just become final, in the transaction that closes its ledger.
 
     One upsert read from the row itself, so the day and model are the ones the row ends with; a
     rejected create (never reached an upstream) is not usage and adds nothing."""
-    statement = _UPSERTS[session.get_bind().dialect.name]
-    await session.execute(statement, {"prediction_id": prediction_id, "charged": charged_micros})
+    statement = _UPSERTS[connection.dialect.name]
+    connection.execute(statement, {"prediction_id": prediction_id, "charged": charged_micros})

@@ -7,12 +7,13 @@ from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import BigInteger, Table, Update, and_, bindparam, case, func, insert, or_, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.engine import Connection
 
 from app.accounting import daily
 from app.accounting.models import EntryKind, LedgerEntry
 from app.accounting.pricing import usd_text
 from app.columns import utcnow
+from app.db import entity_by_key
 from app.errors import PaymentRequired, Throttled
 from app.tokens.models import ApiToken
 from app.tokens.service import ensure_live
@@ -82,8 +83,8 @@ _SETTLE = update(_TOKENS).where(_TOKENS.c.id == bindparam("token_id")).values(
 _ENTRY = insert(_LEDGER)
 
 
-async def admit(
-    session: AsyncSession, *, token_id: str, estimate_micros: int, now: datetime, limits_taken: bool = False
+def admit(
+    connection: Connection, *, token_id: str, estimate_micros: int, now: datetime, limits_taken: bool = False
 ) -> None:
     """Reserve the estimate and take an in-flight and a rate slot in one conditional update;
     raise 402 or 429 when any limit would be passed (nothing is then written).
@@ -91,13 +92,13 @@ async def admit(
     With `limits_taken` the rate and in-flight slots were already taken in Redis: only the
     budget is checked here, but the counters still move, so the database can take over."""
     statement = _ADMIT_BUDGET_ONLY if limits_taken else _ADMIT
-    result = await session.execute(statement, {
+    result = connection.execute(statement, {
         "token_id": token_id, "estimate": estimate_micros, "now": now, "month": month_of(now),
         "minute": int(now.timestamp() // 60),
     })
-    if result.rowcount == 1:  # type: ignore[attr-defined]
+    if result.rowcount == 1:
         return
-    await _refuse(session, token_id=token_id, estimate_micros=estimate_micros, now=now,
+    _refuse(connection, token_id=token_id, estimate_micros=estimate_micros, now=now,
                   limits_taken=limits_taken)
 
 
@@ -113,10 +114,10 @@ def in_flight_refusal(max_in_flight: int) -> Throttled:
     )
 
 
-async def _refuse(
-    session: AsyncSession, *, token_id: str, estimate_micros: int, now: datetime, limits_taken: bool
+def _refuse(
+    connection: Connection, *, token_id: str, estimate_micros: int, now: datetime, limits_taken: bool
 ) -> None:
-    token = ensure_live(await session.get(ApiToken, token_id, populate_existing=True))
+    token = ensure_live(entity_by_key(connection, ApiToken, token_id))
     minute = int(now.timestamp() // 60)
     # With slots taken in Redis the database did not check them: only the budget can refuse.
     if not limits_taken:
@@ -134,9 +135,9 @@ async def _refuse(
     )
 
 
-async def reserve(session: AsyncSession, *, prediction_id: str, token_id: str, estimate_micros: int) -> None:
+def reserve(connection: Connection, *, prediction_id: str, token_id: str, estimate_micros: int) -> None:
     """The reservation entry for an admitted prediction."""
-    await session.execute(_ENTRY, {
+    connection.execute(_ENTRY, {
         "prediction_id": prediction_id, "token_id": token_id, "kind": EntryKind.RESERVATION,
         "amount_micros": estimate_micros, "created_at": utcnow(),
     })
@@ -151,8 +152,8 @@ class Outcome:
     note: str | None = None
 
 
-async def close(
-    session: AsyncSession,
+def close(
+    connection: Connection,
     *,
     prediction_id: str,
     token_id: str,
@@ -165,16 +166,16 @@ async def close(
     Call it in the transaction that makes the prediction final: the unique (prediction, kind)
     constraint then makes a second charge fail the whole transaction."""
     kind = EntryKind.SETTLEMENT if outcome.charged else EntryKind.RELEASE
-    await session.execute(_ENTRY, {
+    connection.execute(_ENTRY, {
         "prediction_id": prediction_id, "token_id": token_id, "kind": kind,
         "amount_micros": outcome.amount_micros if outcome.charged else estimate_micros,
         "note": outcome.note, "created_at": now,
     })
-    await session.execute(_SETTLE, {
+    connection.execute(_SETTLE, {
         "token_id": token_id, "month": month_of(now), "estimate": estimate_micros,
         "charged": outcome.amount_micros if outcome.charged else 0,
     })
-    await daily.add_closed(session, prediction_id=prediction_id,
+    daily.add_closed(connection, prediction_id=prediction_id,
                            charged_micros=outcome.amount_micros if outcome.charged else 0)
 
 

@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import orjson
 from sqlalchemy import Table, and_, insert, or_, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm.attributes import set_committed_value
@@ -25,7 +26,7 @@ from app.accounting import service as accounting
 from app.accounting.limits import SharedLimits
 from app.columns import utcnow
 from app.config import PriceRule, Settings
-from app.db import HotReads
+from app.db import HotReads, Transactions, entity_by_key
 from app.errors import (
     Conflict,
     Forbidden,
@@ -160,7 +161,7 @@ class PredictionService:
     def __init__(
         self,
         *,
-        sessions: async_sessionmaker[AsyncSession],
+        transactions: Transactions,
         registry: Registry,
         settings: Settings,
         key: bytes,
@@ -168,7 +169,7 @@ class PredictionService:
         read_sessions: async_sessionmaker[AsyncSession],
         limits: SharedLimits | None = None,
     ) -> None:
-        self._sessions = sessions
+        self._transactions = transactions
         self._read_sessions = read_sessions
         self._hot_reads = hot_reads
         self._registry = registry
@@ -259,16 +260,15 @@ class PredictionService:
         held = await self._limits.take(token=token, prediction_id=prediction.id, now=now)
         # Admission, the row and its reservation commit together, before the upstream call:
         # a crash after sending leaves a row for the reconciler, never an unrecorded prediction.
+        def admit_and_record(connection: Connection) -> None:
+            accounting.admit(connection, token_id=token.id, estimate_micros=prediction.estimate_micros,
+                             now=now, limits_taken=held is not None)
+            connection.execute(_INSERT, _row_values(prediction))
+            accounting.reserve(connection, prediction_id=prediction.id, token_id=token.id,
+                               estimate_micros=prediction.estimate_micros)
+
         try:
-            async with self._sessions() as session:
-                await accounting.admit(
-                    session, token_id=token.id, estimate_micros=prediction.estimate_micros, now=now,
-                    limits_taken=held is not None,
-                )
-                await session.execute(_INSERT, _row_values(prediction))
-                await accounting.reserve(session, prediction_id=prediction.id, token_id=token.id,
-                                         estimate_micros=prediction.estimate_micros)
-                await session.commit()
+            await self._transactions.run(admit_and_record)
         except IntegrityError:
             await self._limits.undo(held)
             if idempotency_key is None or request_hash is None:
@@ -320,13 +320,12 @@ class PredictionService:
     async def _move(self, prediction: Prediction, upstream: Upstream, rule: PriceRule | None) -> None:
         prediction.upstream = upstream.name
         prediction.bill_failures = (rule is not None and rule.bill_failures) or upstream.config.bill_failures
-        async with self._sessions() as session:
-            await session.execute(
-                update(Prediction)
-                .where(Prediction.id == prediction.id, Prediction.submission == Submission.PENDING)
-                .values(upstream=upstream.name, bill_failures=prediction.bill_failures, updated_at=utcnow())
-            )
-            await session.commit()
+        statement = (
+            update(_PREDICTIONS)
+            .where(_PREDICTIONS.c.id == prediction.id, _PREDICTIONS.c.submission == Submission.PENDING)
+            .values(upstream=upstream.name, bill_failures=prediction.bill_failures, updated_at=utcnow())
+        )
+        await self._transactions.run(lambda connection: connection.execute(statement))
 
     async def _replay(self, token: ApiToken, key: str, request_hash: str) -> Prediction | None:
         async with self._read_sessions() as session:
@@ -345,34 +344,29 @@ class PredictionService:
         return await self.get(token, row.id)
 
     async def _record_failed_create(self, prediction: Prediction, reason: str, maybe_sent: bool) -> None:
+        pending = (_PREDICTIONS.c.id == prediction.id, _PREDICTIONS.c.submission == Submission.PENDING)
         if maybe_sent:
             # In doubt: the reservation stays until the reconciler resolves it.
-            async with self._sessions() as session:
-                await session.execute(
-                    update(Prediction)
-                    .where(Prediction.id == prediction.id, Prediction.submission == Submission.PENDING)
-                    .values(submission=Submission.UNKNOWN, updated_at=utcnow())
-                )
-                await session.commit()
+            statement = update(_PREDICTIONS).where(*pending).values(
+                submission=Submission.UNKNOWN, updated_at=utcnow())
+            await self._transactions.run(lambda connection: connection.execute(statement))
         else:
             now = utcnow()
-            async with self._sessions() as session:
-                result = await session.execute(
-                    update(Prediction)
-                    .where(Prediction.id == prediction.id, Prediction.submission == Submission.PENDING)
-                    .values(submission=Submission.REJECTED, status="failed", error=reason,
-                            completed_at=now, updated_at=now, cost_micros=0,
-                            idempotency_key=None, next_poll_at=None)
+
+            def reject(connection: Connection) -> bool:
+                result = connection.execute(update(_PREDICTIONS).where(*pending).values(
+                    submission=Submission.REJECTED, status="failed", error=reason, completed_at=now,
+                    updated_at=now, cost_micros=0, idempotency_key=None, next_poll_at=None))
+                if result.rowcount != 1:
+                    return False
+                accounting.close(
+                    connection, prediction_id=prediction.id, token_id=prediction.token_id,
+                    estimate_micros=prediction.estimate_micros,
+                    outcome=accounting.Outcome(charged=False, amount_micros=0), now=now,
                 )
-                closed = result.rowcount == 1  # type: ignore[attr-defined]
-                if closed:
-                    await accounting.close(
-                        session, prediction_id=prediction.id, token_id=prediction.token_id,
-                        estimate_micros=prediction.estimate_micros,
-                        outcome=accounting.Outcome(charged=False, amount_micros=0), now=now,
-                    )
-                await session.commit()
-            if closed:
+                return True
+
+            if await self._transactions.run(reject):
                 await self._limits.release(prediction.token_id, prediction.id)
         log.info("prediction.create_failed", extra={
             "prediction_id": prediction.id, "maybe_sent": maybe_sent})
@@ -446,8 +440,9 @@ class PredictionService:
             values.update(link)
             condition += [columns.submission == Submission.PENDING, columns.upstream_id.is_(None)]
         terminal = reply.status in TERMINAL_STATUSES
-        async with self._sessions() as session:
-            row = known if known is not None else await session.get(Prediction, prediction_id)
+
+        def record(connection: Connection) -> tuple[Prediction, bool]:
+            row = known if known is not None else entity_by_key(connection, Prediction, prediction_id)
             if row is None:
                 raise NotFound("The requested prediction could not be found")
             outcome = self._outcome(row, reply) if terminal else None
@@ -461,33 +456,39 @@ class PredictionService:
                 values["version"] = reply.version
             previous_status = row.status
             previous_output, previous_logs = row.output, row.logs
-            # A table-level update: the ORM's bulk-update bookkeeping is not needed here.
-            result = await session.execute(update(_PREDICTIONS).where(*condition).values(**values))
-            changed = result.rowcount == 1  # type: ignore[attr-defined]
+            changed = connection.execute(update(_PREDICTIONS).where(*condition).values(**values)).rowcount == 1
             if link is not None and not changed:
-                await session.rollback()
                 raise NotLinked()
-            if changed:
-                # The row now holds exactly `values`: no need to read it back.
-                for name, value in values.items():
-                    set_committed_value(row, name, value)
-            else:
-                await session.refresh(row)  # someone else moved it on; answer with what they wrote
-            if changed and outcome is not None:
-                await accounting.close(
-                    session, prediction_id=prediction_id, token_id=row.token_id,
+            if not changed:
+                # Someone else moved it on: answer with what they wrote.
+                return self._reread(connection, prediction_id), False
+            # The row now holds exactly `values`: no need to read it back.
+            for name, value in values.items():
+                set_committed_value(row, name, value)
+            if outcome is not None:
+                accounting.close(
+                    connection, prediction_id=prediction_id, token_id=row.token_id,
                     estimate_micros=row.estimate_micros, outcome=outcome, now=now,
                 )
                 log.info("prediction.finished", extra={
                     "prediction_id": prediction_id, "status": reply.status,
                     "charged_micros": outcome.amount_micros if outcome.charged else 0})
-            if changed and row.webhook:
-                await outbox.record_events(session, row, previous_status=None if first else previous_status,
-                                           key=self._key, now=now, previous_output=previous_output,
-                                           previous_logs=previous_logs)
-            await session.commit()
-        if changed and outcome is not None:
+            if row.webhook:
+                outbox.record_events(connection, row, previous_status=None if first else previous_status,
+                                     key=self._key, now=now, previous_output=previous_output,
+                                     previous_logs=previous_logs)
+            return row, outcome is not None
+
+        row, closed = await self._transactions.run(record)
+        if closed:
             await self._limits.release(row.token_id, prediction_id)
+        return row
+
+    @staticmethod
+    def _reread(connection: Connection, prediction_id: str) -> Prediction:
+        row = entity_by_key(connection, Prediction, prediction_id)
+        if row is None:
+            raise NotFound("The requested prediction could not be found")
         return row
 
     async def force_finish(
@@ -496,42 +497,45 @@ class PredictionService:
         """End a prediction the upstream cannot account for: final `status`, charged at the
         estimate and flagged with `reason`. False when it was already final (or linked)."""
         now = utcnow()
-        condition = [Prediction.id == prediction_id, Prediction.status.in_(("starting", "processing"))]
+        columns = _PREDICTIONS.c
+        condition = [columns.id == prediction_id, columns.status.in_(("starting", "processing"))]
         if only_unlinked:
-            condition += [Prediction.upstream_id.is_(None),
-                          Prediction.submission.in_((Submission.PENDING, Submission.UNKNOWN))]
-        async with self._sessions() as session:
-            row = await session.get(Prediction, prediction_id)
+            condition += [columns.upstream_id.is_(None),
+                          columns.submission.in_((Submission.PENDING, Submission.UNKNOWN))]
+
+        def finish(connection: Connection) -> Prediction | None:
+            row = entity_by_key(connection, Prediction, prediction_id)
             if row is None:
-                return False
-            result = await session.execute(
-                update(Prediction).where(*condition).values(
-                    status=status, error=reason, completed_at=now, updated_at=now,
-                    submission=Submission.UNKNOWN if row.upstream_id is None else row.submission,
-                    cost_micros=row.estimate_micros, cost_note=f"charged at the estimate: {reason}",
-                    next_poll_at=None, lease_until=None,
-                ).execution_options(synchronize_session=False)
+                return None
+            result = connection.execute(update(_PREDICTIONS).where(*condition).values(
+                status=status, error=reason, completed_at=now, updated_at=now,
+                submission=Submission.UNKNOWN if row.upstream_id is None else row.submission,
+                cost_micros=row.estimate_micros, cost_note=f"charged at the estimate: {reason}",
+                next_poll_at=None, lease_until=None,
+            ))
+            if result.rowcount != 1:
+                return None
+            previous_status = row.status
+            previous_output, previous_logs = row.output, row.logs
+            accounting.close(
+                connection, prediction_id=prediction_id, token_id=row.token_id,
+                estimate_micros=row.estimate_micros,
+                outcome=accounting.Outcome(True, row.estimate_micros, f"charged at the estimate: {reason}"),
+                now=now,
             )
-            finished: bool = result.rowcount == 1  # type: ignore[attr-defined]
-            if finished:
-                previous_status = row.status
-                previous_output, previous_logs = row.output, row.logs
-                await accounting.close(
-                    session, prediction_id=prediction_id, token_id=row.token_id,
-                    estimate_micros=row.estimate_micros,
-                    outcome=accounting.Outcome(True, row.estimate_micros, f"charged at the estimate: {reason}"),
-                    now=now,
-                )
-                await session.refresh(row)
-                if row.webhook:
-                    await outbox.record_events(session, row, previous_status=previous_status,
-                                               key=self._key, now=now, previous_output=previous_output,
-                                               previous_logs=previous_logs)
-            await session.commit()
-        if finished:
-            await self._limits.release(row.token_id, prediction_id)
-            log.warning("prediction.force_finished", extra={"prediction_id": prediction_id, "status": status})
-        return finished
+            row = self._reread(connection, prediction_id)
+            if row.webhook:
+                outbox.record_events(connection, row, previous_status=previous_status,
+                                     key=self._key, now=now, previous_output=previous_output,
+                                     previous_logs=previous_logs)
+            return row
+
+        finished = await self._transactions.run(finish)
+        if finished is None:
+            return False
+        await self._limits.release(finished.token_id, prediction_id)
+        log.warning("prediction.force_finished", extra={"prediction_id": prediction_id, "status": status})
+        return True
 
     async def by_stream_capability(self, prediction_id: str) -> Prediction | None:
         """A prediction for its stream URL (the capability was checked by the caller)."""

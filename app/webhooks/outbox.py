@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import secrets
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import orjson
-from sqlalchemy import update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Table, insert, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm.attributes import set_committed_value
 
 from app.predictions import rewrite
 from app.predictions.models import Prediction
@@ -24,6 +25,8 @@ RETRY_SCHEDULE = (5, 30, 120, 600, 1800, 3600, 10800, 21600, 43200, 86400)
 # Leaves room for the gateway's stored base URL; rows made before it existed get path-only URLs.
 _UNKNOWN_BASE = ""
 _NOT_GIVEN: Any = object()
+_INSERT_DELIVERY = insert(cast(Table, WebhookDelivery.__table__))
+_PREDICTIONS = cast(Table, Prediction.__table__)
 
 
 def subscribed(prediction: Prediction) -> frozenset[str]:
@@ -37,8 +40,8 @@ def body_of(prediction: Prediction, key: bytes) -> str:
     return orjson.dumps(rewrite.to_client(prediction, prediction.public_base or _UNKNOWN_BASE, key)).decode()
 
 
-async def record_events(
-    session: AsyncSession,
+def record_events(
+    connection: Connection,
     prediction: Prediction,
     *,
     previous_status: str | None,
@@ -76,31 +79,33 @@ async def record_events(
     body = body_of(prediction, key)
     sequence = prediction.webhook_sequence
     throttle_clock = prediction.webhook_sent_at
+    deliveries = []
     for event in events:
         sequence += 1
         terminal = event == "completed"
         if event in ("output", "logs"):
             throttle_clock = now
-        session.add(WebhookDelivery(
-            prediction_id=prediction.id,
-            token_id=prediction.token_id,
-            event=event,
-            dedupe_key=f"{prediction.id}:completed" if terminal else f"{prediction.id}:{event}:{sequence}",
-            message_id="msg_" + secrets.token_urlsafe(24),
-            url=prediction.webhook,
-            body=body,
-            status=DeliveryStatus.PENDING,
-            attempts=0,
-            max_attempts=len(RETRY_SCHEDULE) + 1 if terminal else 1,
-            next_attempt_at=now,
-            created_at=now,
-        ))
+        deliveries.append({
+            "prediction_id": prediction.id,
+            "token_id": prediction.token_id,
+            "event": event,
+            "dedupe_key": f"{prediction.id}:completed" if terminal else f"{prediction.id}:{event}:{sequence}",
+            "message_id": "msg_" + secrets.token_urlsafe(24),
+            "url": prediction.webhook,
+            "body": body,
+            "status": DeliveryStatus.PENDING,
+            "attempts": 0,
+            "max_attempts": len(RETRY_SCHEDULE) + 1 if terminal else 1,
+            "next_attempt_at": now,
+            "created_at": now,
+        })
+    connection.execute(_INSERT_DELIVERY, deliveries)
     # The caller's UPDATE holds the row (lock on PostgreSQL, write lock on SQLite) until commit,
     # so this read-modify-write of the sequence cannot interleave with another change.
-    await session.execute(
-        update(Prediction)
-        .where(Prediction.id == prediction.id)
+    connection.execute(
+        update(_PREDICTIONS)
+        .where(_PREDICTIONS.c.id == prediction.id)
         .values(webhook_sequence=sequence, webhook_sent_at=throttle_clock)
-        .execution_options(synchronize_session=False)
     )
-    await session.flush()
+    set_committed_value(prediction, "webhook_sequence", sequence)
+    set_committed_value(prediction, "webhook_sent_at", throttle_clock)

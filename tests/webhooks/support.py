@@ -102,8 +102,8 @@ class Ledger:
                     await session.refresh(row)
                     given = {k: v for k, v in (("previous_output", previous_output),
                                                ("previous_logs", previous_logs)) if v is not _UNSET}
-                    await outbox.record_events(session, row, previous_status=previous_status, key=KEY,
-                                               now=now, **given)
+                    await session.run_sync(lambda sync: outbox.record_events(
+                        sync.connection(), row, previous_status=previous_status, key=KEY, now=now, **given))
                     await session.commit()
             finally:
                 await engine.dispose()

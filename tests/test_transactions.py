@@ -1,0 +1,118 @@
+"""Write transactions as synchronous functions: committed, rolled back, and queued with sessions."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+from app.accounting import service as accounting
+from app.db import Transactions, make_engine, make_sessionmaker
+from app.errors import PaymentRequired
+from tests.dbtools import create_token, rows
+
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
+T = TypeVar("T")
+
+
+def _token(db_url: str, **kwargs: Any) -> dict[str, Any]:
+    create_token(db_url, "probe", **kwargs)
+    (token,) = rows(db_url, "api_token")
+    return token
+
+
+def _admit(token_id: str, estimate: int) -> Any:
+    return lambda connection: accounting.admit(
+        connection, token_id=token_id, estimate_micros=estimate, now=NOW)
+
+
+def _run(db_url: str, body: Callable[[Transactions], Awaitable[T]]) -> T:
+    async def scenario() -> T:
+        engine = make_engine(db_url)
+        transactions = Transactions(engine, make_sessionmaker(engine))
+        try:
+            return await body(transactions)
+        finally:
+            transactions.dispose()
+            await engine.dispose()
+
+    return asyncio.run(scenario())
+
+
+def test_what_the_function_writes_commits_and_what_it_returns_comes_back(db_url: str) -> None:
+    token = _token(db_url)
+
+    def admit_twice(connection: Connection) -> int:
+        _admit(token["id"], 100)(connection)
+        _admit(token["id"], 20)(connection)
+        return 7
+
+    assert _run(db_url, lambda transactions: transactions.run(admit_twice)) == 7
+    (after,) = rows(db_url, "api_token")
+    assert (after["reserved_micros"], after["in_flight"]) == (120, 2)
+
+
+def test_a_function_that_raises_leaves_nothing_behind(db_url: str) -> None:
+    token = _token(db_url, budget_micros=150)
+
+    def admit_past_the_budget(connection: Connection) -> None:
+        _admit(token["id"], 100)(connection)
+        _admit(token["id"], 100)(connection)  # refused: 402, after the first wrote
+
+    async def scenario(transactions: Transactions) -> None:
+        with pytest.raises(PaymentRequired):
+            await transactions.run(admit_past_the_budget)
+        await transactions.run(_admit(token["id"], 100))  # the connection is usable again
+
+    _run(db_url, scenario)
+    (after,) = rows(db_url, "api_token")
+    assert (after["reserved_micros"], after["in_flight"]) == (100, 1)
+
+
+def test_on_sqlite_a_transaction_queues_behind_a_write_session_of_another_task(db_url: str) -> None:
+    if not db_url.startswith("sqlite"):
+        pytest.skip("SQLite only: one write lock per database file")
+    token = _token(db_url)
+    order: list[str] = []
+
+    async def scenario() -> None:
+        engine = make_engine(db_url)
+        sessions = make_sessionmaker(engine)
+        transactions = Transactions(engine, sessions)
+        session_open = asyncio.Event()
+
+        async def slow_session() -> None:
+            async with sessions() as session:
+                await session.execute(text("UPDATE api_token SET in_flight = in_flight + 10"))
+                session_open.set()
+                await asyncio.sleep(0.2)  # holds SQLite's write lock across an await
+                await session.commit()
+                order.append("session")
+
+        async def transaction() -> None:
+            await session_open.wait()
+
+            def admit(connection: Connection) -> None:
+                order.append("transaction")
+                _admit(token["id"], 5)(connection)
+            await transactions.run(admit)
+
+        try:
+            await asyncio.gather(slow_session(), transaction())
+            inside = sessions()
+            async with inside:
+                with pytest.raises(RuntimeError, match="inside a write session"):
+                    await transactions.run(_admit(token["id"], 5))
+        finally:
+            transactions.dispose()
+            await engine.dispose()
+
+    asyncio.run(scenario())
+    assert order == ["session", "transaction"]
+    (after,) = rows(db_url, "api_token")
+    assert after["in_flight"] == 11
