@@ -15,7 +15,7 @@ from fnmatch import fnmatchcase
 from typing import Any, cast
 
 import orjson
-from sqlalchemy import Table, and_, insert, or_, select, update
+from sqlalchemy import Table, Update, and_, bindparam, insert, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -68,6 +68,24 @@ _MAY_FOLLOW = {
 _PREDICTIONS = cast(Table, Prediction.__table__)
 # A table-level insert: the ORM's flush (unit of work, identity map) cost a fifth of a create.
 _INSERT = insert(_PREDICTIONS)
+
+
+_STATE_UPDATES: dict[tuple[str, bool, tuple[str, ...]], Update] = {}
+
+
+def _state_update(status: str, linking: bool, names: tuple[str, ...]) -> Update:
+    """The compare-and-set that records an upstream state, built once per shape: building and
+    keying it on every poll cost more than running it."""
+    key = (status, linking, names)
+    statement = _STATE_UPDATES.get(key)
+    if statement is None:
+        columns = _PREDICTIONS.c
+        condition = [columns.id == bindparam("match_id"), columns.status.in_(_MAY_FOLLOW.get(status, ()))]
+        if linking:
+            condition += [columns.submission == Submission.PENDING, columns.upstream_id.is_(None)]
+        statement = _STATE_UPDATES[key] = update(_PREDICTIONS).where(*condition).values(
+            {name: bindparam(f"set_{name}", type_=columns[name].type) for name in names})
+    return statement
 
 
 def _row_values(prediction: Prediction) -> dict[str, Any]:
@@ -434,11 +452,8 @@ class PredictionService:
         the row as this process just wrote it, which spares reading it again."""
         now = utcnow()
         values = self._state_values(reply, upstream_name, now)
-        columns = _PREDICTIONS.c
-        condition = [columns.id == prediction_id, columns.status.in_(_MAY_FOLLOW.get(reply.status, ()))]
         if link is not None:
             values.update(link)
-            condition += [columns.submission == Submission.PENDING, columns.upstream_id.is_(None)]
         terminal = reply.status in TERMINAL_STATUSES
 
         def record(connection: Connection) -> tuple[Prediction, bool]:
@@ -456,7 +471,9 @@ class PredictionService:
                 values["version"] = reply.version
             previous_status = row.status
             previous_output, previous_logs = row.output, row.logs
-            changed = connection.execute(update(_PREDICTIONS).where(*condition).values(**values)).rowcount == 1
+            statement = _state_update(reply.status, link is not None, tuple(values))
+            parameters = {f"set_{name}": value for name, value in values.items()}
+            changed = connection.execute(statement, {"match_id": prediction_id, **parameters}).rowcount == 1
             if link is not None and not changed:
                 raise NotLinked()
             if not changed:
