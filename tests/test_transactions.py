@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 
 from app.accounting import service as accounting
@@ -116,3 +116,31 @@ def test_on_sqlite_a_transaction_queues_behind_a_write_session_of_another_task(d
     assert order == ["session", "transaction"]
     (after,) = rows(db_url, "api_token")
     assert after["in_flight"] == 11
+
+
+def test_on_sqlite_functions_handed_in_together_commit_together_and_a_failure_undoes_only_its_own(
+    db_url: str,
+) -> None:
+    if not db_url.startswith("sqlite"):
+        pytest.skip("SQLite only: PostgreSQL runs each function in its own transaction")
+    token = _token(db_url, budget_micros=1000)
+    commits: list[int] = []
+
+    def admit_then_fail(connection: Connection) -> None:
+        _admit(token["id"], 400)(connection)
+        raise ValueError("changed its mind")
+
+    async def scenario(transactions: Transactions) -> list[Any]:
+        event.listen(transactions._sync_engine, "commit", lambda _: commits.append(1))
+        works = [_admit(token["id"], 100), admit_then_fail, _admit(token["id"], 200),
+                 _admit(token["id"], 900)]  # the last is past the budget: 402
+        return await asyncio.gather(*(transactions.run(work) for work in works), return_exceptions=True)
+
+    answers = _run(db_url, scenario)
+    assert answers[0] is None
+    assert answers[2] is None
+    assert isinstance(answers[1], ValueError)
+    assert isinstance(answers[3], PaymentRequired)
+    assert len(commits) == 1  # one transaction for the four
+    (after,) = rows(db_url, "api_token")
+    assert (after["reserved_micros"], after["in_flight"]) == (300, 2)
