@@ -8,15 +8,15 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Select, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.columns import utcnow
 from app.config import Settings
 from app.errors import Throttled
 from app.outputs.archiver import OutputArchiver
-from app.predictions.models import Prediction, Submission
-from app.predictions.service import PredictionService
+from app.predictions.models import TERMINAL_STATUSES, Prediction, Submission
+from app.predictions.service import IN_DOUBT_MARGIN_SECONDS, PredictionService
 from app.upstream.client import UpstreamFailure
 from app.upstream.registry import Registry
 from app.upstream.schemas import InvalidUpstreamPrediction, parse_prediction
@@ -44,6 +44,26 @@ class Claim:
     created_at: datetime
     poll_attempts: int
     lease_until: datetime
+
+
+def due_for_polling(now: datetime) -> Select[str, str, str | None, datetime, int]:
+    """The next batch of linked, unfinished predictions whose poll is due, soonest first."""
+    return (
+        select(Prediction.id, Prediction.upstream, Prediction.upstream_id, Prediction.created_at,
+               Prediction.poll_attempts)
+        .where(
+            # "Not final" rather than "starting or processing": the same rows, but SQLite then
+            # walks the next_poll_at index in order instead of sorting every unfinished
+            # prediction on each pass.
+            Prediction.status.not_in(TERMINAL_STATUSES),
+            Prediction.submission == Submission.ACCEPTED,
+            Prediction.upstream_id.is_not(None),
+            Prediction.next_poll_at <= now,
+            or_(Prediction.lease_until.is_(None), Prediction.lease_until < now),
+        )
+        .order_by(Prediction.next_poll_at)
+        .limit(BATCH_SIZE)
+    )
 
 
 class Reconciler:
@@ -123,20 +143,7 @@ class Reconciler:
     async def _claim(self) -> list[Claim]:
         async with self._sessions() as session:
             now = await self._now(session)
-            query = (
-                select(Prediction.id, Prediction.upstream, Prediction.upstream_id, Prediction.created_at,
-                       Prediction.poll_attempts)
-                .where(
-                    Prediction.status.in_(("starting", "processing")),
-                    Prediction.submission == Submission.ACCEPTED,
-                    Prediction.upstream_id.is_not(None),
-                    Prediction.next_poll_at <= now,
-                    or_(Prediction.lease_until.is_(None), Prediction.lease_until < now),
-                )
-                .order_by(Prediction.next_poll_at)
-                .limit(BATCH_SIZE)
-                .with_for_update(skip_locked=True)
-            )
+            query = due_for_polling(now).with_for_update(skip_locked=True)
             rows = (await session.execute(query)).all()
             lease_until = now + self._lease
             # One update per back-off step rather than one per row.
@@ -218,6 +225,9 @@ class Reconciler:
                     Prediction.submission.in_((Submission.PENDING, Submission.UNKNOWN)),
                     Prediction.upstream_id.is_(None),
                     Prediction.submit_deadline < now,
+                    # Implied by the deadline (it is at least the margin after creation), and it
+                    # keeps the index scan to unfinished predictions older than the margin.
+                    Prediction.created_at < now - timedelta(seconds=IN_DOUBT_MARGIN_SECONDS),
                 ).limit(BATCH_SIZE)
             )).all())
         resolved = 0

@@ -9,8 +9,10 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import create_engine
 
-from app.jobs.reconciler import CONCURRENCY, RECORDING
+from app.columns import utcnow
+from app.jobs.reconciler import CONCURRENCY, RECORDING, due_for_polling
 from tests.conftest import Gateway
 from tests.dbtools import create_token, rows
 from tests.fakes.relay import FakeRelay
@@ -154,3 +156,19 @@ def test_a_batch_records_its_results_a_few_at_a_time(gateway_factory: Any, relay
     assert recording["calls"] >= 40
     assert 1 <= recording["most"] <= RECORDING < CONCURRENCY
     check_ledger(gateway.db_url, settled=True)
+
+
+def test_on_sqlite_the_due_batch_is_read_in_poll_order_from_its_index_never_sorted(sqlite_template: Path) -> None:
+    # Sorting every unfinished prediction on each pass made a backlog cost more the longer it got.
+    engine = create_engine(f"sqlite:///{sqlite_template}")
+    try:
+        compiled = due_for_polling(utcnow()).compile(
+            dialect=engine.dialect, compile_kwargs={"render_postcompile": True})
+        parameters = tuple(str(compiled.params[name]) for name in compiled.positiontup or ())
+        with engine.connect() as connection:
+            plan = " ".join(str(row[-1]) for row in connection.exec_driver_sql(
+                f"EXPLAIN QUERY PLAN {compiled}", parameters))
+    finally:
+        engine.dispose()
+    assert "ix_prediction_next_poll_at" in plan, plan
+    assert "TEMP B-TREE" not in plan, plan
