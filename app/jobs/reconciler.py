@@ -23,8 +23,8 @@ from app.upstream.schemas import InvalidUpstreamPrediction, parse_prediction
 
 log = logging.getLogger(__name__)
 
-BATCH_SIZE = 50
-CONCURRENCY = 16
+BATCH_SIZE = 128
+CONCURRENCY = 64
 RECORDING = 2
 FORGOTTEN_AFTER_ATTEMPTS = 3
 IDEMPOTENCY_KEY_HOURS = 24
