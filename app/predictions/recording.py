@@ -1,0 +1,223 @@
+"""Recording what an upstream says: a compare-and-set that settles a prediction exactly once."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, cast
+
+from sqlalchemy import Table, Update, bindparam, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm.attributes import set_committed_value
+
+from app.accounting import pricing
+from app.accounting import service as accounting
+from app.accounting.limits import SharedLimits
+from app.columns import utcnow
+from app.config import Settings
+from app.db import Transactions, entity_by_key
+from app.errors import NotFound
+from app.predictions.models import TERMINAL_STATUSES, Prediction, Submission
+from app.upstream.registry import Registry
+from app.upstream.schemas import UpstreamPrediction
+from app.webhooks import outbox
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_MODEL = "unknown/unknown"
+
+# Which stored statuses a new upstream status may replace: never backwards, never out of terminal.
+_MAY_FOLLOW = {
+    "starting": ("starting",),
+    "processing": ("starting", "processing"),
+    **dict.fromkeys(TERMINAL_STATUSES, ("starting", "processing")),
+}
+
+_PREDICTIONS = cast(Table, Prediction.__table__)
+_STATE_UPDATES: dict[tuple[str, bool, tuple[str, ...]], Update] = {}
+
+
+def _state_update(status: str, linking: bool, names: tuple[str, ...]) -> Update:
+    """The compare-and-set that records an upstream state, built once per shape: building and
+    keying it on every poll cost more than running it."""
+    key = (status, linking, names)
+    statement = _STATE_UPDATES.get(key)
+    if statement is None:
+        columns = _PREDICTIONS.c
+        condition = [columns.id == bindparam("match_id"), columns.status.in_(_MAY_FOLLOW.get(status, ()))]
+        if linking:
+            condition += [columns.submission == Submission.PENDING, columns.upstream_id.is_(None)]
+        statement = _STATE_UPDATES[key] = update(_PREDICTIONS).where(*condition).values(
+            {name: bindparam(f"set_{name}", type_=columns[name].type) for name in names})
+    return statement
+
+
+class NotLinked(Exception):
+    """A create's answer could not be linked to its row (it was no longer pending and unlinked)."""
+
+
+class PredictionRecorder:
+    """Writes upstream states to the ledger; the base of the prediction operations."""
+
+    def __init__(
+        self,
+        *,
+        transactions: Transactions,
+        registry: Registry,
+        settings: Settings,
+        key: bytes,
+        limits: SharedLimits | None = None,
+    ) -> None:
+        self._transactions = transactions
+        self._registry = registry
+        self._settings = settings
+        self._prices = settings.prices
+        self._key = key
+        self._limits = limits if limits is not None else SharedLimits()
+
+    def _outcome(self, row: Prediction, reply: UpstreamPrediction) -> accounting.Outcome:
+        billable = reply.status == "succeeded" or row.bill_failures
+        if not billable:
+            return accounting.Outcome(charged=False, amount_micros=0)
+        rule = pricing.find_rule(self._prices, reply.model or row.model)
+        # Priced with the multiplier recorded at create time, never the group's current one.
+        cost = pricing.cost_of(rule, status=reply.status, output=reply.output, metrics=reply.metrics,
+                               ppm=row.price_multiplier_ppm)
+        if cost.note is not None:
+            # Unknown cost is charged at the estimate and flagged, never silently at zero.
+            return accounting.Outcome(True, row.estimate_micros, f"charged at the estimate: {cost.note}")
+        return accounting.Outcome(True, cost.micros)
+
+    def _state_values(self, reply: UpstreamPrediction, upstream_name: str | None, now: Any) -> dict[str, Any]:
+        values: dict[str, Any] = {
+            "status": reply.status,
+            "output": reply.output,
+            "logs": reply.logs,
+            "metrics": reply.metrics,
+            "updated_at": now,
+            "streamable": reply.streamable,
+        }
+        if reply.error is not None:
+            values["error"] = reply.error
+        if reply.started_at is not None:
+            values["started_at"] = reply.started_at
+        if reply.extra:
+            owner = self._registry.get(upstream_name) if upstream_name else None
+            values["upstream_extra"] = {
+                k: (owner.client.scrub(v) if owner else "[removed]") if isinstance(v, str) else v
+                for k, v in reply.extra.items()
+            }
+        return values
+
+    async def apply_upstream_state(
+        self, prediction_id: str, reply: UpstreamPrediction, *, first: bool = False,
+        upstream_name: str | None = None, link: dict[str, Any] | None = None, known: Prediction | None = None,
+    ) -> Prediction:
+        """Record what the upstream says, as a compare-and-set that never moves status backwards;
+        a first final status is settled or released in the same transaction.
+
+        With `link`, the same update also links a pending create to its upstream prediction
+        (and only a still pending, unlinked one); NotLinked is raised when it was not. `known` is
+        the row as this process just wrote it, which spares reading it again."""
+        now = utcnow()
+        values = self._state_values(reply, upstream_name, now)
+        if link is not None:
+            values.update(link)
+        terminal = reply.status in TERMINAL_STATUSES
+
+        def record(connection: Connection) -> tuple[Prediction, bool]:
+            row = known if known is not None else entity_by_key(connection, Prediction, prediction_id)
+            if row is None:
+                raise NotFound("The requested prediction could not be found")
+            outcome = self._outcome(row, reply) if terminal else None
+            if outcome is not None:
+                values.update(completed_at=reply.completed_at or now, next_poll_at=None, lease_until=None,
+                              cost_micros=outcome.amount_micros if outcome.charged else 0,
+                              cost_note=outcome.note)
+            if row.model == UNKNOWN_MODEL and reply.model:
+                values["model"] = reply.model
+            if row.version is None and reply.version:
+                values["version"] = reply.version
+            previous_status = row.status
+            previous_output, previous_logs = row.output, row.logs
+            statement = _state_update(reply.status, link is not None, tuple(values))
+            parameters = {f"set_{name}": value for name, value in values.items()}
+            changed = connection.execute(statement, {"match_id": prediction_id, **parameters}).rowcount == 1
+            if link is not None and not changed:
+                raise NotLinked()
+            if not changed:
+                # Someone else moved it on: answer with what they wrote.
+                return self._reread(connection, prediction_id), False
+            # The row now holds exactly `values`: no need to read it back.
+            for name, value in values.items():
+                set_committed_value(row, name, value)
+            if outcome is not None:
+                accounting.close(
+                    connection, prediction_id=prediction_id, token_id=row.token_id,
+                    estimate_micros=row.estimate_micros, outcome=outcome, now=now,
+                )
+                log.info("prediction.finished", extra={
+                    "prediction_id": prediction_id, "status": reply.status,
+                    "charged_micros": outcome.amount_micros if outcome.charged else 0})
+            if row.webhook:
+                outbox.record_events(connection, row, previous_status=None if first else previous_status,
+                                     key=self._key, now=now, previous_output=previous_output,
+                                     previous_logs=previous_logs)
+            return row, outcome is not None
+
+        row, closed = await self._transactions.run(record)
+        if closed:
+            await self._limits.release(row.token_id, prediction_id)
+        return row
+
+    @staticmethod
+    def _reread(connection: Connection, prediction_id: str) -> Prediction:
+        row = entity_by_key(connection, Prediction, prediction_id)
+        if row is None:
+            raise NotFound("The requested prediction could not be found")
+        return row
+
+    async def force_finish(
+        self, prediction_id: str, *, status: str, reason: str, only_unlinked: bool = False
+    ) -> bool:
+        """End a prediction the upstream cannot account for: final `status`, charged at the
+        estimate and flagged with `reason`. False when it was already final (or linked)."""
+        now = utcnow()
+        columns = _PREDICTIONS.c
+        condition = [columns.id == prediction_id, columns.status.in_(("starting", "processing"))]
+        if only_unlinked:
+            condition += [columns.upstream_id.is_(None),
+                          columns.submission.in_((Submission.PENDING, Submission.UNKNOWN))]
+
+        def finish(connection: Connection) -> Prediction | None:
+            row = entity_by_key(connection, Prediction, prediction_id)
+            if row is None:
+                return None
+            result = connection.execute(update(_PREDICTIONS).where(*condition).values(
+                status=status, error=reason, completed_at=now, updated_at=now,
+                submission=Submission.UNKNOWN if row.upstream_id is None else row.submission,
+                cost_micros=row.estimate_micros, cost_note=f"charged at the estimate: {reason}",
+                next_poll_at=None, lease_until=None,
+            ))
+            if result.rowcount != 1:
+                return None
+            previous_status = row.status
+            previous_output, previous_logs = row.output, row.logs
+            accounting.close(
+                connection, prediction_id=prediction_id, token_id=row.token_id,
+                estimate_micros=row.estimate_micros,
+                outcome=accounting.Outcome(True, row.estimate_micros, f"charged at the estimate: {reason}"),
+                now=now,
+            )
+            row = self._reread(connection, prediction_id)
+            if row.webhook:
+                outbox.record_events(connection, row, previous_status=previous_status,
+                                     key=self._key, now=now, previous_output=previous_output,
+                                     previous_logs=previous_logs)
+            return row
+
+        finished = await self._transactions.run(finish)
+        if finished is None:
+            return False
+        await self._limits.release(finished.token_id, prediction_id)
+        log.warning("prediction.force_finished", extra={"prediction_id": prediction_id, "status": status})
+        return True
