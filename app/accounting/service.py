@@ -99,7 +99,7 @@ def admit(
     if result.rowcount == 1:
         return
     _refuse(connection, token_id=token_id, estimate_micros=estimate_micros, now=now,
-                  limits_taken=limits_taken)
+            limits_taken=limits_taken)
 
 
 def rate_refusal(rpm_limit: int, now: datetime) -> Throttled:
@@ -176,7 +176,7 @@ def close(
         "charged": outcome.amount_micros if outcome.charged else 0,
     })
     daily.add_closed(connection, prediction_id=prediction_id,
-                           charged_micros=outcome.amount_micros if outcome.charged else 0)
+                     charged_micros=outcome.amount_micros if outcome.charged else 0)
 
 
 def budget_view(token: ApiToken, now: datetime) -> dict[str, Any]:
