@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -13,6 +13,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
@@ -98,3 +99,7 @@ class Prediction(Base):
     def is_terminal(self) -> bool:
         """Whether the prediction has reached a final status."""
         return self.status in TERMINAL_STATUSES
+
+
+# The table itself, for Core statements on the hot path (no ORM unit of work or identity map).
+PREDICTIONS = cast(Table, Prediction.__table__)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Table, Update, bindparam, update
+from sqlalchemy import Update, bindparam, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -16,7 +16,7 @@ from app.columns import utcnow
 from app.config import Settings
 from app.db import Transactions, entity_by_key
 from app.errors import NotFound
-from app.predictions.models import TERMINAL_STATUSES, Prediction, Submission
+from app.predictions.models import PREDICTIONS, TERMINAL_STATUSES, Prediction, Submission
 from app.upstream.registry import Registry
 from app.upstream.schemas import UpstreamPrediction
 from app.webhooks import outbox
@@ -32,7 +32,6 @@ _MAY_FOLLOW = {
     **dict.fromkeys(TERMINAL_STATUSES, ("starting", "processing")),
 }
 
-_PREDICTIONS = cast(Table, Prediction.__table__)
 _STATE_UPDATES: dict[tuple[str, bool, tuple[str, ...]], Update] = {}
 
 
@@ -42,11 +41,11 @@ def _state_update(status: str, linking: bool, names: tuple[str, ...]) -> Update:
     key = (status, linking, names)
     statement = _STATE_UPDATES.get(key)
     if statement is None:
-        columns = _PREDICTIONS.c
+        columns = PREDICTIONS.c
         condition = [columns.id == bindparam("match_id"), columns.status.in_(_MAY_FOLLOW.get(status, ()))]
         if linking:
             condition += [columns.submission == Submission.PENDING, columns.upstream_id.is_(None)]
-        statement = _STATE_UPDATES[key] = update(_PREDICTIONS).where(*condition).values(
+        statement = _STATE_UPDATES[key] = update(PREDICTIONS).where(*condition).values(
             {name: bindparam(f"set_{name}", type_=columns[name].type) for name in names})
     return statement
 
@@ -182,7 +181,7 @@ class PredictionRecorder:
         """End a prediction the upstream cannot account for: final `status`, charged at the
         estimate and flagged with `reason`. False when it was already final (or linked)."""
         now = utcnow()
-        columns = _PREDICTIONS.c
+        columns = PREDICTIONS.c
         condition = [columns.id == prediction_id, columns.status.in_(("starting", "processing"))]
         if only_unlinked:
             condition += [columns.upstream_id.is_(None),
@@ -192,7 +191,7 @@ class PredictionRecorder:
             row = entity_by_key(connection, Prediction, prediction_id)
             if row is None:
                 return None
-            result = connection.execute(update(_PREDICTIONS).where(*condition).values(
+            result = connection.execute(update(PREDICTIONS).where(*condition).values(
                 status=status, error=reason, completed_at=now, updated_at=now,
                 submission=Submission.UNKNOWN if row.upstream_id is None else row.submission,
                 cost_micros=row.estimate_micros, cost_note=f"charged at the estimate: {reason}",

@@ -12,10 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from fnmatch import fnmatchcase
-from typing import Any, cast
+from typing import Any
 
 import orjson
-from sqlalchemy import Table, and_, insert, or_, select, update
+from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -39,7 +39,7 @@ from app.errors import (
 )
 from app.groups import service as groups
 from app.predictions import cursor as cursors
-from app.predictions.models import TERMINAL_STATUSES, Prediction, Submission
+from app.predictions.models import PREDICTIONS, TERMINAL_STATUSES, Prediction, Submission
 from app.predictions.recording import UNKNOWN_MODEL, NotLinked, PredictionRecorder
 from app.tokens.models import ApiToken
 from app.tokens.service import may_use_model, new_id
@@ -56,14 +56,13 @@ FINAL_BASES_KEPT = 4  # public bases (hosts, prefixes) a final prediction's answ
 FIRST_POLL_SECONDS = 2.0
 IN_DOUBT_MARGIN_SECONDS = 5.0
 _DATA_URI = re.compile(r"^data:([^;,]{0,100})(;[^,]{0,200})?,", re.IGNORECASE)
-_PREDICTIONS = cast(Table, Prediction.__table__)
 # A table-level insert: the ORM's flush (unit of work, identity map) cost a fifth of a create.
-_INSERT = insert(_PREDICTIONS)
+_INSERT = insert(PREDICTIONS)
 
 
 def _row_values(prediction: Prediction) -> dict[str, Any]:
     """The columns a new prediction sets; unset ones are left to the database (SQL NULL)."""
-    values = {column.name: prediction.__dict__.get(column.key) for column in _PREDICTIONS.columns}
+    values = {column.name: prediction.__dict__.get(column.key) for column in PREDICTIONS.columns}
     return {name: value for name, value in values.items() if value is not None}
 
 
@@ -304,8 +303,8 @@ class PredictionService(PredictionRecorder):
         prediction.upstream = upstream.name
         prediction.bill_failures = (rule is not None and rule.bill_failures) or upstream.config.bill_failures
         statement = (
-            update(_PREDICTIONS)
-            .where(_PREDICTIONS.c.id == prediction.id, _PREDICTIONS.c.submission == Submission.PENDING)
+            update(PREDICTIONS)
+            .where(PREDICTIONS.c.id == prediction.id, PREDICTIONS.c.submission == Submission.PENDING)
             .values(upstream=upstream.name, bill_failures=prediction.bill_failures, updated_at=utcnow())
         )
         await self._transactions.run(lambda connection: connection.execute(statement))
@@ -327,17 +326,17 @@ class PredictionService(PredictionRecorder):
         return await self.get(token, row.id)
 
     async def _record_failed_create(self, prediction: Prediction, reason: str, maybe_sent: bool) -> None:
-        pending = (_PREDICTIONS.c.id == prediction.id, _PREDICTIONS.c.submission == Submission.PENDING)
+        pending = (PREDICTIONS.c.id == prediction.id, PREDICTIONS.c.submission == Submission.PENDING)
         if maybe_sent:
             # In doubt: the reservation stays until the reconciler resolves it.
-            statement = update(_PREDICTIONS).where(*pending).values(
+            statement = update(PREDICTIONS).where(*pending).values(
                 submission=Submission.UNKNOWN, updated_at=utcnow())
             await self._transactions.run(lambda connection: connection.execute(statement))
         else:
             now = utcnow()
 
             def reject(connection: Connection) -> bool:
-                result = connection.execute(update(_PREDICTIONS).where(*pending).values(
+                result = connection.execute(update(PREDICTIONS).where(*pending).values(
                     submission=Submission.REJECTED, status="failed", error=reason, completed_at=now,
                     updated_at=now, cost_micros=0, idempotency_key=None, next_poll_at=None))
                 if result.rowcount != 1:

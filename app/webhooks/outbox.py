@@ -12,7 +12,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm.attributes import set_committed_value
 
 from app.predictions import rewrite
-from app.predictions.models import Prediction
+from app.predictions.models import PREDICTIONS, Prediction
 from app.webhooks.models import DeliveryStatus, WebhookDelivery
 
 EVENTS = ("start", "output", "logs", "completed")
@@ -26,7 +26,6 @@ RETRY_SCHEDULE = (5, 30, 120, 600, 1800, 3600, 10800, 21600, 43200, 86400)
 _UNKNOWN_BASE = ""
 _NOT_GIVEN: Any = object()
 _INSERT_DELIVERY = insert(cast(Table, WebhookDelivery.__table__))
-_PREDICTIONS = cast(Table, Prediction.__table__)
 
 
 def subscribed(prediction: Prediction) -> frozenset[str]:
@@ -103,8 +102,8 @@ def record_events(
     # The caller's UPDATE holds the row (lock on PostgreSQL, write lock on SQLite) until commit,
     # so this read-modify-write of the sequence cannot interleave with another change.
     connection.execute(
-        update(_PREDICTIONS)
-        .where(_PREDICTIONS.c.id == prediction.id)
+        update(PREDICTIONS)
+        .where(PREDICTIONS.c.id == prediction.id)
         .values(webhook_sequence=sequence, webhook_sent_at=throttle_clock)
     )
     set_committed_value(prediction, "webhook_sequence", sequence)
