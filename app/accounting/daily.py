@@ -22,8 +22,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.db import Base
-from app.predictions.models import Prediction, Submission
+from app.db import Base, Prepared, in_values
+from app.predictions.models import PREDICTIONS, Prediction, Submission
 
 COUNTERS = ("predictions", "succeeded", "failed", "canceled", "cost_micros")
 
@@ -52,7 +52,7 @@ class UsageDaily(Base):
 
 
 def _counted(*statuses: str) -> Any:
-    return case((Prediction.status.in_(statuses), 1), else_=0)
+    return case((in_values(PREDICTIONS.c.status, statuses), 1), else_=0)
 
 
 def _upsert(dialect: Any) -> Any:
@@ -73,7 +73,7 @@ def _upsert(dialect: Any) -> Any:
     )
 
 
-_UPSERTS = {"postgresql": _upsert(postgresql), "sqlite": _upsert(sqlite)}
+_UPSERTS = {"postgresql": Prepared(_upsert(postgresql)), "sqlite": Prepared(_upsert(sqlite))}
 
 
 def add_closed(connection: Connection, *, prediction_id: str, charged_micros: int) -> None:
@@ -82,4 +82,4 @@ def add_closed(connection: Connection, *, prediction_id: str, charged_micros: in
     One upsert read from the row itself, so the day and model are the ones the row ends with; a
     rejected create (never reached an upstream) is not usage and adds nothing."""
     statement = _UPSERTS[connection.dialect.name]
-    connection.execute(statement, {"prediction_id": prediction_id, "charged": charged_micros})
+    statement.execute(connection, {"prediction_id": prediction_id, "charged": charged_micros})

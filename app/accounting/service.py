@@ -6,14 +6,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import BigInteger, Table, Update, and_, bindparam, case, func, insert, or_, update
+from sqlalchemy import BigInteger, Table, and_, bindparam, case, func, insert, or_, update
 from sqlalchemy.engine import Connection
 
 from app.accounting import daily
 from app.accounting.models import EntryKind, LedgerEntry
 from app.accounting.pricing import usd_text
 from app.columns import utcnow
-from app.db import entity_by_key
+from app.db import Prepared, entity_by_key
 from app.errors import PaymentRequired, Throttled
 from app.tokens.models import ApiToken
 from app.tokens.service import ensure_live
@@ -38,7 +38,7 @@ _SPENT_THIS_WINDOW = case(
 _WINDOW_AFTER = case((_TOKENS.c.budget_period == "month", bindparam("month")), else_=_TOKENS.c.budget_window)
 
 
-def _admission(*, check_rate_and_in_flight: bool) -> Update:
+def _admission(*, check_rate_and_in_flight: bool) -> Prepared:
     # Built once: these statements run on every create, and building and keying them each
     # time cost more than executing them.
     tokens = _TOKENS.c
@@ -62,25 +62,25 @@ def _admission(*, check_rate_and_in_flight: bool) -> Update:
             or_(tokens.rpm_limit.is_(None), tokens.rate_window != bindparam("minute"),
                 tokens.rate_count < tokens.rpm_limit),
         ]
-    return update(_TOKENS).where(*conditions).values(
+    return Prepared(update(_TOKENS).where(*conditions).values(
         spent_micros=_SPENT_THIS_WINDOW,
         budget_window=_WINDOW_AFTER,
         reserved_micros=tokens.reserved_micros + estimate,
         in_flight=tokens.in_flight + 1,
         rate_count=case((tokens.rate_window == bindparam("minute"), tokens.rate_count + 1), else_=1),
         rate_window=bindparam("minute"),
-    )
+    ))
 
 
 _ADMIT = _admission(check_rate_and_in_flight=True)
 _ADMIT_BUDGET_ONLY = _admission(check_rate_and_in_flight=False)
-_SETTLE = update(_TOKENS).where(_TOKENS.c.id == bindparam("token_id")).values(
+_SETTLE = Prepared(update(_TOKENS).where(_TOKENS.c.id == bindparam("token_id")).values(
     spent_micros=_SPENT_THIS_WINDOW + bindparam("charged", type_=BigInteger()),
     budget_window=_WINDOW_AFTER,
     reserved_micros=_TOKENS.c.reserved_micros - bindparam("estimate", type_=BigInteger()),
     in_flight=_TOKENS.c.in_flight - 1,
-)
-_ENTRY = insert(_LEDGER)
+))
+_ENTRY = Prepared(insert(_LEDGER))
 
 
 def admit(
@@ -92,7 +92,7 @@ def admit(
     With `limits_taken` the rate and in-flight slots were already taken in Redis: only the
     budget is checked here, but the counters still move, so the database can take over."""
     statement = _ADMIT_BUDGET_ONLY if limits_taken else _ADMIT
-    result = connection.execute(statement, {
+    result = statement.execute(connection, {
         "token_id": token_id, "estimate": estimate_micros, "now": now, "month": month_of(now),
         "minute": int(now.timestamp() // 60),
     })
@@ -137,7 +137,7 @@ def _refuse(
 
 def reserve(connection: Connection, *, prediction_id: str, token_id: str, estimate_micros: int) -> None:
     """The reservation entry for an admitted prediction."""
-    connection.execute(_ENTRY, {
+    _ENTRY.execute(connection, {
         "prediction_id": prediction_id, "token_id": token_id, "kind": EntryKind.RESERVATION,
         "amount_micros": estimate_micros, "created_at": utcnow(),
     })
@@ -166,12 +166,12 @@ def close(
     Call it in the transaction that makes the prediction final: the unique (prediction, kind)
     constraint then makes a second charge fail the whole transaction."""
     kind = EntryKind.SETTLEMENT if outcome.charged else EntryKind.RELEASE
-    connection.execute(_ENTRY, {
+    _ENTRY.execute(connection, {
         "prediction_id": prediction_id, "token_id": token_id, "kind": kind,
         "amount_micros": outcome.amount_micros if outcome.charged else estimate_micros,
         "note": outcome.note, "created_at": now,
     })
-    connection.execute(_SETTLE, {
+    _SETTLE.execute(connection, {
         "token_id": token_id, "month": month_of(now), "estimate": estimate_micros,
         "charged": outcome.amount_micros if outcome.charged else 0,
     })

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import Update, bindparam, update
+from sqlalchemy import bindparam, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -14,7 +14,7 @@ from app.accounting import service as accounting
 from app.accounting.limits import SharedLimits
 from app.columns import utcnow
 from app.config import Settings
-from app.db import Transactions, entity_by_key
+from app.db import Prepared, Transactions, entity_by_key, in_values
 from app.errors import NotFound
 from app.predictions.models import PREDICTIONS, TERMINAL_STATUSES, Prediction, Submission
 from app.upstream.registry import Registry
@@ -32,21 +32,21 @@ _MAY_FOLLOW = {
     **dict.fromkeys(TERMINAL_STATUSES, ("starting", "processing")),
 }
 
-_STATE_UPDATES: dict[tuple[str, bool, tuple[str, ...]], Update] = {}
+_STATE_UPDATES: dict[tuple[str, bool, tuple[str, ...]], Prepared] = {}
 
 
-def _state_update(status: str, linking: bool, names: tuple[str, ...]) -> Update:
+def _state_update(status: str, linking: bool, names: tuple[str, ...]) -> Prepared:
     """The compare-and-set that records an upstream state, built once per shape: building and
     keying it on every poll cost more than running it."""
     key = (status, linking, names)
     statement = _STATE_UPDATES.get(key)
     if statement is None:
         columns = PREDICTIONS.c
-        condition = [columns.id == bindparam("match_id"), columns.status.in_(_MAY_FOLLOW.get(status, ()))]
+        condition = [columns.id == bindparam("match_id"), in_values(columns.status, _MAY_FOLLOW.get(status, ()))]
         if linking:
             condition += [columns.submission == Submission.PENDING, columns.upstream_id.is_(None)]
-        statement = _STATE_UPDATES[key] = update(PREDICTIONS).where(*condition).values(
-            {name: bindparam(f"set_{name}", type_=columns[name].type) for name in names})
+        statement = _STATE_UPDATES[key] = Prepared(update(PREDICTIONS).where(*condition).values(
+            {name: bindparam(f"set_{name}", type_=columns[name].type) for name in names}))
     return statement
 
 
@@ -140,7 +140,7 @@ class PredictionRecorder:
             previous_output, previous_logs = row.output, row.logs
             statement = _state_update(reply.status, link is not None, tuple(values))
             parameters = {f"set_{name}": value for name, value in values.items()}
-            changed = connection.execute(statement, {"match_id": prediction_id, **parameters}).rowcount == 1
+            changed = statement.execute(connection, {"match_id": prediction_id, **parameters}).rowcount == 1
             if link is not None and not changed:
                 raise NotLinked()
             if not changed:

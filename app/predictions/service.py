@@ -25,7 +25,7 @@ from app.accounting import service as accounting
 from app.accounting.limits import SharedLimits
 from app.columns import utcnow
 from app.config import PriceRule, Settings
-from app.db import HotReads, Transactions
+from app.db import HotReads, Prepared, Transactions, detached
 from app.errors import (
     Conflict,
     Forbidden,
@@ -57,7 +57,7 @@ FIRST_POLL_SECONDS = 2.0
 IN_DOUBT_MARGIN_SECONDS = 5.0
 _DATA_URI = re.compile(r"^data:([^;,]{0,100})(;[^,]{0,200})?,", re.IGNORECASE)
 # A table-level insert: the ORM's flush (unit of work, identity map) cost a fifth of a create.
-_INSERT = insert(PREDICTIONS)
+_INSERT = Prepared(insert(PREDICTIONS))
 
 
 def _row_values(prediction: Prediction) -> dict[str, Any]:
@@ -213,7 +213,8 @@ class PredictionService(PredictionRecorder):
         now = utcnow()
         in_doubt_after = (self._settings.connect_timeout + self._settings.create_timeout
                           + (wait or 0) + IN_DOUBT_MARGIN_SECONDS)
-        prediction = Prediction(
+        prediction = detached(
+            Prediction,
             id=new_id(),
             token_id=token.id,
             upstream=candidates[0].name,
@@ -245,7 +246,7 @@ class PredictionService(PredictionRecorder):
         def admit_and_record(connection: Connection) -> None:
             accounting.admit(connection, token_id=token.id, estimate_micros=prediction.estimate_micros,
                              now=now, limits_taken=held is not None)
-            connection.execute(_INSERT, _row_values(prediction))
+            _INSERT.execute(connection, _row_values(prediction))
             accounting.reserve(connection, prediction_id=prediction.id, token_id=token.id,
                                estimate_micros=prediction.estimate_micros)
 

@@ -1,0 +1,179 @@
+"""Prepared writes and the prepared keyed read: the same rows and errors as Core, without compiling."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import pytest
+from sqlalchemy import Engine, bindparam, event, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError, StatementError
+
+from app.accounting import service as accounting
+from app.db import Prepared, Transactions, entity_by_key, make_engine, make_sessionmaker
+from app.predictions.models import PREDICTIONS, Prediction, Submission
+from app.predictions.recording import _state_update
+from app.predictions.service import _INSERT, _row_values
+from tests.dbtools import create_token, rows
+
+NOW = datetime(2026, 11, 21, 12, 0, 0, 123456, tzinfo=UTC)
+T = TypeVar("T")
+
+
+def _in_transaction(db_url: str, work: Callable[[Connection], T]) -> T:
+    async def scenario() -> T:
+        engine = make_engine(db_url)
+        transactions = Transactions(engine, make_sessionmaker(engine))
+        try:
+            return await transactions.run(work)
+        finally:
+            transactions.dispose()
+            await engine.dispose()
+
+    return asyncio.run(scenario())
+
+
+@pytest.fixture
+def compiled_statements() -> Iterator[list[str]]:
+    """The SQL of every statement Core compiled (rather than ran as driver SQL) meanwhile."""
+    seen: list[str] = []
+
+    def note(_conn: Any, _cursor: Any, statement: str, _params: Any, context: Any, _many: bool) -> None:
+        if context.compiled is not None:
+            seen.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", note)
+    yield seen
+    event.remove(Engine, "before_cursor_execute", note)
+
+
+def _prediction(token_id: str, **overrides: Any) -> Prediction:
+    values: dict[str, Any] = {
+        "id": "p" * 26, "token_id": token_id, "upstream": "relay", "submission": Submission.PENDING,
+        "model": "acme/hello", "status": "starting", "input": {"prompt": "hi ✓", "n": [1, 2.5, None]},
+        "created_at": NOW, "updated_at": NOW, "estimate_micros": 12_345, "price_multiplier_ppm": 1_000_000,
+        "bill_failures": True, "submit_deadline": NOW + timedelta(seconds=30), "streamable": False,
+        "poll_attempts": 0, "webhook_sequence": 0, "outputs_archived": False,
+    }
+    return Prediction(**{**values, **overrides})
+
+
+def _columns(prediction: Prediction | None) -> dict[str, Any]:
+    assert prediction is not None
+    return {column.key: getattr(prediction, column.key) for column in PREDICTIONS.columns}
+
+
+def _core_read(connection: Connection, prediction_id: str) -> dict[str, Any]:
+    row = connection.execute(select(PREDICTIONS).where(PREDICTIONS.c.id == prediction_id)).one()
+    return dict(row._mapping)
+
+
+def test_a_create_admission_writes_what_core_would_and_compiles_nothing_on_sqlite(
+        db_url: str, compiled_statements: list[str]) -> None:
+    token_id = _token(db_url)
+    prediction = _prediction(token_id)
+
+    def admit_and_record(connection: Connection) -> tuple[dict[str, Any], dict[str, Any]]:
+        compiled_statements.clear()
+        accounting.admit(connection, token_id=token_id, estimate_micros=prediction.estimate_micros, now=NOW)
+        _INSERT.execute(connection, _row_values(prediction))
+        accounting.reserve(connection, prediction_id=prediction.id, token_id=token_id,
+                           estimate_micros=prediction.estimate_micros)
+        fast = _columns(entity_by_key(connection, Prediction, prediction.id))
+        written = list(compiled_statements)
+        return fast, {"core": _core_read(connection, prediction.id), "compiled": written}
+
+    fast, seen = _in_transaction(db_url, admit_and_record)
+    # The prepared read converts every column as Core's own select does.
+    assert fast == seen["core"]
+    assert fast["input"] == {"prompt": "hi ✓", "n": [1, 2.5, None]}
+    assert fast["created_at"] == NOW
+    assert fast["bill_failures"] is True
+    assert fast["submission"] == Submission.PENDING
+    assert fast["upstream_id"] is None
+    (token,) = rows(db_url, "api_token")
+    assert (token["reserved_micros"], token["in_flight"], token["rate_count"]) == (12_345, 1, 1)
+    (entry,) = rows(db_url, "ledger_entry")
+    assert (entry["prediction_id"], entry["kind"], entry["amount_micros"]) == (prediction.id, "reservation", 12_345)
+    # Elsewhere the same statements go through Core (and the read with them).
+    assert len(seen["compiled"]) == (0 if db_url.startswith("sqlite") else 4)
+
+
+def test_recording_a_final_state_settles_through_prepared_statements_only(
+        db_url: str, compiled_statements: list[str]) -> None:
+    token_id = _token(db_url)
+    prediction = _prediction(token_id)
+    _in_transaction(db_url, lambda connection: _INSERT.execute(connection, _row_values(prediction)))
+
+    def settle(connection: Connection) -> list[str]:
+        compiled_statements.clear()
+        accounting.admit(connection, token_id=token_id, estimate_micros=100, now=NOW)
+        statement = _state_update("succeeded", False, ("status", "output", "completed_at", "cost_micros"))
+        changed = statement.execute(connection, {
+            "match_id": prediction.id, "set_status": "succeeded", "set_output": ["https://x/y.png"],
+            "set_completed_at": NOW, "set_cost_micros": 90,
+        }).rowcount
+        assert changed == 1
+        accounting.close(connection, prediction_id=prediction.id, token_id=token_id, estimate_micros=100,
+                         outcome=accounting.Outcome(charged=True, amount_micros=90), now=NOW)
+        return list(compiled_statements)
+
+    compiled = _in_transaction(db_url, settle)
+    (row,) = rows(db_url, "prediction")
+    assert (row["status"], row["cost_micros"]) == ("succeeded", 90)
+    (token,) = rows(db_url, "api_token")
+    assert (token["spent_micros"], token["reserved_micros"], token["in_flight"]) == (90, 0, 0)
+    (daily,) = rows(db_url, "usage_daily")
+    assert (daily["predictions"], daily["succeeded"], daily["cost_micros"]) == (1, 1, 90)
+    if db_url.startswith("sqlite"):
+        assert compiled == []
+
+
+def test_the_compare_and_set_refuses_a_status_that_may_not_follow(db_url: str) -> None:
+    token_id = _token(db_url)
+    prediction = _prediction(token_id, status="succeeded")
+    _in_transaction(db_url, lambda connection: _INSERT.execute(connection, _row_values(prediction)))
+    statement = _state_update("processing", False, ("status",))
+    changed = _in_transaction(db_url, lambda connection: statement.execute(
+        connection, {"match_id": prediction.id, "set_status": "processing"}).rowcount)
+    assert changed == 0
+    assert rows(db_url, "prediction")[0]["status"] == "succeeded"
+
+
+def test_a_duplicate_key_raises_sqlalchemys_integrity_error(db_url: str) -> None:
+    token_id = _token(db_url)
+    prediction = _prediction(token_id)
+    _in_transaction(db_url, lambda connection: _INSERT.execute(connection, _row_values(prediction)))
+    with pytest.raises(IntegrityError):
+        _in_transaction(db_url, lambda connection: _INSERT.execute(connection, _row_values(prediction)))
+    assert len(rows(db_url, "prediction")) == 1
+
+
+def test_statements_it_cannot_plan_go_through_core_and_keep_cores_errors(
+        db_url: str, compiled_statements: list[str]) -> None:
+    token_id = _token(db_url)
+    _in_transaction(db_url, lambda connection: _INSERT.execute(connection, _row_values(_prediction(token_id))))
+    # An expanding IN is rendered per call by Core: prepared once, it would be wrong.
+    expanding = Prepared(update(PREDICTIONS).where(PREDICTIONS.c.status.in_(bindparam("statuses", expanding=True)))
+                         .values(logs=bindparam("logs")))
+
+    def run_expanding(connection: Connection) -> tuple[int, int]:
+        compiled_statements.clear()
+        changed = expanding.execute(connection, {"statuses": ["processing", "starting"], "logs": "hello"}).rowcount
+        return changed, len(compiled_statements)
+
+    assert _in_transaction(db_url, run_expanding) == (1, 1)
+    assert rows(db_url, "prediction")[0]["logs"] == "hello"
+    missing = Prepared(update(PREDICTIONS).where(PREDICTIONS.c.id == bindparam("match_id")).values(logs="x"))
+    with pytest.raises(StatementError, match="match_id"):
+        _in_transaction(db_url, lambda connection: missing.execute(connection, {}))
+
+
+def _token(db_url: str) -> str:
+    create_token(db_url, "probe")
+    (token,) = rows(db_url, "api_token")
+    token_id: str = token["id"]
+    return token_id
