@@ -362,6 +362,7 @@ class Transactions:
         self._write_lock: asyncio.Lock | None = sessions.kw.get("write_lock")
         self._waiting: list[_Waiting] = []
         self._committer: asyncio.Task[None] | None = None
+        self._connection: Connection | None = None
         if engine.dialect.name == "sqlite":
             self._sync_engine = _sync_sqlite_engine(engine)
             _configure_sync_sqlite_writer(self._sync_engine)
@@ -380,6 +381,13 @@ class Transactions:
             self._committer = asyncio.ensure_future(self._commit_waiting(self._sync_engine, self._write_lock))
         return await done
 
+    def _writer(self, engine: Engine) -> Connection:
+        # One connection kept for all batches: checking one out of the pool and wrapping it
+        # cost more than the BEGIN and COMMIT of a small batch (33 µs against 19 µs).
+        if self._connection is None or self._connection.closed or self._connection.invalidated:
+            self._connection = engine.connect()
+        return self._connection
+
     def _take_waiting(self) -> list[_Waiting]:
         batch, self._waiting, self._committer = self._waiting, [], None
         return batch
@@ -388,13 +396,17 @@ class Transactions:
         taken: list[_Waiting] | None = None
         try:
             async with lock:
-                with engine.connect() as connection:
+                connection = self._writer(engine)
+                try:
                     try:
                         await _begin_immediate(connection)
                     finally:
                         # From here to the commit nothing awaits: later callers make the next batch.
                         taken = self._take_waiting()
                     _run_batch(connection, [(work, done) for work, done in taken if not done.done()])
+                finally:
+                    if connection.in_transaction():
+                        connection.rollback()
         except BaseException as error:
             for _, done in taken if taken is not None else self._take_waiting():
                 if done.done():
@@ -408,6 +420,9 @@ class Transactions:
 
     def dispose(self) -> None:
         """Close the loop thread's connection."""
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
         if self._sync_engine is not None:
             self._sync_engine.dispose()
 
