@@ -8,6 +8,8 @@ from typing import Any
 
 import uvicorn
 
+from app.serving import CoalescingHttpToolsProtocol
+
 
 class ServerThread:
     """A uvicorn server on a free loopback port, started and stopped from synchronous tests."""
@@ -15,7 +17,7 @@ class ServerThread:
     def __init__(self, app: Any, *, lifespan: str = "on") -> None:
         config = uvicorn.Config(
             app, host="127.0.0.1", port=0, log_config=None, lifespan=lifespan, loop="asyncio",
-            access_log=False, timeout_graceful_shutdown=2,
+            access_log=False, timeout_graceful_shutdown=2, http=CoalescingHttpToolsProtocol,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
