@@ -274,8 +274,8 @@ def entity_by_key(connection: Connection, entity: type[T], ident: Any) -> T | No
     without the mapped constructor's attribute events. Core's select and constructor took
     about 65 µs, four times as long (measured by hand)."""
     statement, keys = _by_key(entity)
-    driver = connection.connection.dbapi_connection
-    if connection.dialect.driver != "pysqlite" or driver is None:
+    driver = connection.connection.dbapi_connection if connection.dialect.driver == "pysqlite" else None
+    if driver is None:
         row = connection.execute(statement, {"key": ident}).first()
         return None if row is None else entity(**dict(zip(keys, row, strict=True)))
     sql, key_processor, processors = _by_key_sql(connection.dialect, entity)

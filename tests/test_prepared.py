@@ -177,3 +177,7 @@ def _token(db_url: str) -> str:
     (token,) = rows(db_url, "api_token")
     token_id: str = token["id"]
     return token_id
+
+
+def test_the_keyed_read_of_a_missing_row_is_none(db_url: str) -> None:
+    assert _in_transaction(db_url, lambda connection: entity_by_key(connection, Prediction, "n" * 26)) is None
