@@ -99,3 +99,16 @@ def test_a_server_with_it_answers_keep_alive_streamed_and_closing_requests() -> 
         assert received.endswith(b"\r\n\r\n/old")
     finally:
         server.stop()
+
+
+def test_writelines_and_end_of_file_keep_the_order_of_what_was_written() -> None:
+    async def scenario() -> list[bytes]:
+        transport, real = _coalescing()
+        real.write_eof = lambda: real.writes.append(b"<eof>")  # type: ignore[attr-defined]
+        transport.write(b"head ")
+        transport.writelines([b"body ", b"more"])
+        transport.write_eof()
+        await asyncio.sleep(0)
+        return real.writes
+
+    assert asyncio.run(scenario()) == [b"head body more", b"<eof>"]
