@@ -268,16 +268,15 @@ def detached(entity: type[T], /, **values: Any) -> T:
 def entity_by_key(connection: Connection, entity: type[T], ident: Any) -> T | None:
     """A row by primary key as a new, session-less object (never add it to a session).
 
-    Built from a keyed select: the ORM's identity map and loaders cost more than the read. On
-    pysqlite, where this read runs on the loop's thread for every GET and every recorded state,
-    the select is compiled once and run on the driver's cursor, and the object is filled in
-    without the mapped constructor's attribute events. Core's select and constructor took
-    about 65 µs, four times as long (measured by hand)."""
+    Built from a keyed select (`detached`): the ORM's identity map and loaders cost more than
+    the read. On pysqlite, where this read runs on the loop's thread for every GET and every
+    recorded state, the select is compiled once and run on the driver's cursor. Core's select
+    and the mapped constructor took about 65 µs, four times as long (measured by hand)."""
     statement, keys = _by_key(entity)
     driver = connection.connection.dbapi_connection if connection.dialect.driver == "pysqlite" else None
     if driver is None:
         row = connection.execute(statement, {"key": ident}).first()
-        return None if row is None else entity(**dict(zip(keys, row, strict=True)))
+        return None if row is None else detached(entity, **dict(zip(keys, row, strict=True)))
     sql, key_processor, processors = _by_key_sql(connection.dialect, entity)
     cursor = driver.cursor()
     try:
