@@ -115,7 +115,7 @@ def test_recording_a_final_state_settles_through_prepared_statements_only(
         changed = statement.execute(connection, {
             "match_id": prediction.id, "set_status": "succeeded", "set_output": ["https://x/y.png"],
             "set_completed_at": NOW, "set_cost_micros": 90,
-        }).rowcount
+        })
         assert changed == 1
         accounting.close(connection, prediction_id=prediction.id, token_id=token_id, estimate_micros=100,
                          outcome=accounting.Outcome(charged=True, amount_micros=90), now=NOW)
@@ -138,7 +138,7 @@ def test_the_compare_and_set_refuses_a_status_that_may_not_follow(db_url: str) -
     _in_transaction(db_url, lambda connection: _INSERT.execute(connection, _row_values(prediction)))
     statement = _state_update("processing", False, ("status",))
     changed = _in_transaction(db_url, lambda connection: statement.execute(
-        connection, {"match_id": prediction.id, "set_status": "processing"}).rowcount)
+        connection, {"match_id": prediction.id, "set_status": "processing"}))
     assert changed == 0
     assert rows(db_url, "prediction")[0]["status"] == "succeeded"
 
@@ -162,7 +162,7 @@ def test_statements_it_cannot_plan_go_through_core_and_keep_cores_errors(
 
     def run_expanding(connection: Connection) -> tuple[int, int]:
         compiled_statements.clear()
-        changed = expanding.execute(connection, {"statuses": ["processing", "starting"], "logs": "hello"}).rowcount
+        changed = expanding.execute(connection, {"statuses": ["processing", "starting"], "logs": "hello"})
         return changed, len(compiled_statements)
 
     assert _in_transaction(db_url, run_expanding) == (1, 1)

@@ -92,11 +92,11 @@ def admit(
     With `limits_taken` the rate and in-flight slots were already taken in Redis: only the
     budget is checked here, but the counters still move, so the database can take over."""
     statement = _ADMIT_BUDGET_ONLY if limits_taken else _ADMIT
-    result = statement.execute(connection, {
+    matched = statement.execute(connection, {
         "token_id": token_id, "estimate": estimate_micros, "now": now, "month": month_of(now),
         "minute": int(now.timestamp() // 60),
     })
-    if result.rowcount == 1:
+    if matched == 1:
         return
     _refuse(connection, token_id=token_id, estimate_micros=estimate_micros, now=now,
             limits_taken=limits_taken)

@@ -140,7 +140,7 @@ class PredictionRecorder:
             previous_output, previous_logs = row.output, row.logs
             statement = _state_update(reply.status, link is not None, tuple(values))
             parameters = {f"set_{name}": value for name, value in values.items()}
-            changed = statement.execute(connection, {"match_id": prediction_id, **parameters}).rowcount == 1
+            changed = statement.execute(connection, {"match_id": prediction_id, **parameters}) == 1
             if link is not None and not changed:
                 raise NotLinked()
             if not changed:
