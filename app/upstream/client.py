@@ -10,10 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
 import httpx
 import orjson
-from yarl import URL
 
 from app.errors import (
     GatewayError,
@@ -24,7 +22,7 @@ from app.errors import (
     UpstreamUnavailable,
 )
 from app.outbound import outbound_client
-from app.upstream.transport import cookieless_session
+from app.upstream import wire
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +89,11 @@ class UpstreamClient:
         if token:
             headers["Authorization"] = f"Bearer {token}"
         # An injected httpx transport (the demo's in-process relay, tests' mock transports) is
-        # used through httpx; otherwise the gateway talks aiohttp directly, which costs a
-        # fraction of httpx's per-call work on every poll and create (bench/RESULTS.md).
+        # used through httpx; otherwise the gateway sends its calls on its own keep-alive
+        # connections (app/upstream/wire.py), which cost a fraction of httpx's or aiohttp's
+        # per-call work on every poll and create (bench/RESULTS.md).
         self._http: httpx.AsyncClient | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._wire: wire.WirePool | None = None
         if transport is not None:
             self._http = outbound_client(
                 base_url=self.base_url + "/",
@@ -102,27 +101,21 @@ class UpstreamClient:
                 transport=transport,
                 timeout=httpx.Timeout(request_timeout, connect=connect_timeout),
             )
+        else:
+            # No cookie is kept, no proxy read and no redirect followed: a shared client must
+            # never replay one caller's upstream cookie for another (GHSA-7vwr-g6pm-9hc8).
+            self._wire = wire.WirePool(self.base_url, max_connections=200, keepalive_seconds=15.0,
+                                       max_body_bytes=max_body_bytes)
         self._headers = {**headers, "Accept-Encoding": "gzip, deflate"}
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
-        self._base = str(URL(self.base_url + "/"))
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=request_timeout, sock_connect=connect_timeout, sock_read=request_timeout
-        )
         self._secrets = [s for s in (token, self.base_url, httpx.URL(self.base_url).host) if s]
-
-    def _aiohttp(self) -> aiohttp.ClientSession:
-        # Made on first use, inside the running loop, as aiohttp requires.
-        if self._session is None:
-            self._session = cookieless_session(max_connections=200)
-        return self._session
 
     async def aclose(self) -> None:
         """Close the pooled connections."""
         if self._http is not None:
             await self._http.aclose()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._wire is not None:
+            self._wire.close()
 
     async def reachable(self) -> bool:
         """Whether the upstream answers HTTP at all (any status), for the readiness check."""
@@ -210,30 +203,27 @@ class UpstreamClient:
         if self._http is not None:
             return await self._exchange_httpx(self._http, method, path, content=content, headers=headers,
                                               connect_timeout=connect_timeout, read_timeout=read_timeout)
-        timeout = self._timeout
-        if read_timeout is not None or connect_timeout != self._connect_timeout:
-            read = read_timeout if read_timeout is not None else self._request_timeout
-            timeout = aiohttp.ClientTimeout(total=None, connect=read, sock_connect=connect_timeout, sock_read=read)
+        pool = self._wire
+        if pool is None:
+            raise RuntimeError("an upstream client has either an httpx transport or its own connections")
         if headers:
             sent_headers = {**(self._json_headers if content is not None else self._headers), **headers}
         else:
             sent_headers = self._json_headers if content is not None else self._headers
         try:
             # Our paths are built of percent-encoded segments: sent exactly as they are.
-            response = await self._aiohttp().request(
-                method, URL(self._base + path, encoded=True), headers=sent_headers, data=content,
-                allow_redirects=False, compress=False, timeout=timeout,
-                skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
-            )
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise self._transport_failure(exc) from None
+            head = pool.head(method, path, sent_headers, None if content is None else len(content))
+        except ValueError:
+            log.warning("upstream.unsendable_header", extra={"upstream": self.name})
+            raise UpstreamFailure(UpstreamInvalid("The request holds a header that cannot be sent upstream"),
+                                  maybe_sent=False) from None
         try:
-            body = await self._read_capped(response.content.iter_any())
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise self._transport_failure(exc, after_sending=True) from None
-        finally:
-            response.release()
-        return response.status, response.headers, body
+            answer = await pool.request(
+                head, content, connect_timeout=connect_timeout,
+                answer_timeout=read_timeout if read_timeout is not None else self._request_timeout)
+        except wire.WireError as exc:
+            raise self._transport_failure(exc) from None
+        return answer.status, answer.headers, answer.body
 
     async def _read_capped(self, chunks: AsyncIterator[bytes]) -> bytes:
         parts: list[bytes] = []
@@ -245,15 +235,15 @@ class UpstreamClient:
             parts.append(chunk)
         return b"".join(parts)
 
-    def _transport_failure(self, exc: BaseException, *, after_sending: bool = False) -> UpstreamFailure:
+    def _transport_failure(self, exc: wire.WireError) -> UpstreamFailure:
         """Only a failure to connect proves nothing was sent; anything later may have been."""
         kind = type(exc).__name__
-        if not after_sending and isinstance(
-            exc, aiohttp.ConnectionTimeoutError | aiohttp.ClientConnectorError | aiohttp.InvalidURL
-        ):
+        if isinstance(exc, wire.BodyTooLarge):
+            return self._too_large()
+        if not exc.sent:
             log.warning("upstream.unreachable", extra={"upstream": self.name, "error": kind})
             return UpstreamFailure(UpstreamUnavailable(), maybe_sent=False)
-        if isinstance(exc, TimeoutError):  # aiohttp's read time-outs are TimeoutErrors too
+        if isinstance(exc, wire.AnswerTimeout):
             log.warning("upstream.timeout", extra={"upstream": self.name, "error": kind})
             return UpstreamFailure(UpstreamTimeout(), maybe_sent=True)
         log.warning("upstream.transport_error", extra={"upstream": self.name, "error": kind})

@@ -1,5 +1,5 @@
-"""The gateway's direct aiohttp calls: errors classed by whether the request can have been sent,
-no cookie kept, no redirect followed, headers and bodies passed exactly."""
+"""The gateway's own upstream connections, through its client: errors classed by whether a request
+can have been sent, no cookie kept, no redirect followed, headers and bodies passed exactly."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[str]]]:
 
 @pytest.fixture
 async def connect() -> AsyncIterator[Connect]:
-    # As the gateway builds it: no transport given, so aiohttp is called directly.
+    # As the gateway builds it: no transport given, so it sends on its own connections.
     clients: list[UpstreamClient] = []
 
     async def make(base: str) -> UpstreamClient:
