@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextvars import ContextVar, Token
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,6 +46,8 @@ from sqlalchemy.sql.dml import UpdateBase
 
 from app import sqlite_inline
 from app.config import to_async_url
+
+log = logging.getLogger(__name__)
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -374,9 +380,13 @@ class Transactions:
         self._waiting: list[_Waiting] = []
         self._committer: asyncio.Task[None] | None = None
         self._connection: Connection | None = None
+        self._checkpointer: WalCheckpointer | None = None
         if engine.dialect.name == "sqlite":
             self._sync_engine = _sync_sqlite_engine(engine)
             _configure_sync_sqlite_writer(self._sync_engine)
+            database = self._sync_engine.url.database
+            if database and database != ":memory:" and not database.startswith("file:"):
+                self._checkpointer = WalCheckpointer(database)
 
     async def run(self, work: Callable[[Connection], T]) -> T:
         """Run `work` in a transaction: its writes are committed when this returns, and rolled
@@ -415,6 +425,8 @@ class Transactions:
                         # From here to the commit nothing awaits: later callers make the next batch.
                         taken = self._take_waiting()
                     _run_batch(connection, [(work, done) for work, done in taken if not done.done()])
+                    if self._checkpointer is not None:
+                        self._checkpointer.committed()
                 finally:
                     if connection.in_transaction():
                         connection.rollback()
@@ -430,12 +442,68 @@ class Transactions:
                 raise
 
     def dispose(self) -> None:
-        """Close the loop thread's connection."""
+        """Close the loop thread's connection (and the checkpointer's, after its last run)."""
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+            self._checkpointer = None
         if self._connection is not None:
             self._connection.close()
             self._connection = None
         if self._sync_engine is not None:
             self._sync_engine.dispose()
+
+
+class WalCheckpointer:
+    """Checkpoints the write-ahead log on a thread of its own, every few group commits.
+
+    With SQLite's automatic checkpoint, the commit that filled the log copied it into the
+    database and synced both files on the event loop's thread: one commit in sixty took 4 to
+    7 ms instead of 80 µs, and those stalls were 40% of all commit time under load. A passive
+    checkpoint never waits for the writer or for readers, and the sqlite3 module lets go of the
+    GIL while it copies and syncs, so the loop keeps serving meanwhile. The writer keeps an
+    automatic checkpoint at a much larger log size, in case this thread ever falls behind."""
+
+    EVERY_COMMITS = 32
+
+    def __init__(self, database: str) -> None:
+        self._database = database
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal-checkpoint")
+        self._commits = 0
+        self._running: Future[None] | None = None
+        self._connection: sqlite3.Connection | None = None
+        self.runs = 0
+        self.thread_ids: set[int] = set()
+
+    def committed(self) -> None:
+        """Count a commit; start a checkpoint when enough have passed and none is running."""
+        self._commits += 1
+        if self._commits >= self.EVERY_COMMITS and (self._running is None or self._running.done()):
+            self._commits = 0
+            self._running = self._executor.submit(self._checkpoint)
+
+    def wait(self) -> None:
+        """Wait for the checkpoint under way, if any."""
+        if self._running is not None:
+            self._running.result()
+
+    def _checkpoint(self) -> None:
+        try:
+            if self._connection is None:
+                self._connection = sqlite3.connect(self._database, isolation_level=None, check_same_thread=False)
+                self._connection.execute("PRAGMA busy_timeout=0")
+            self._connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            self.runs += 1
+            self.thread_ids.add(threading.get_ident())
+        except sqlite3.Error as error:
+            # The writer's own automatic checkpoint still bounds the log.
+            log.warning("sqlite.checkpoint_failed", extra={"error": type(error).__name__})
+
+    def close(self) -> None:
+        """Let the last checkpoint finish, then close the thread and its connection."""
+        self._executor.shutdown(wait=True)
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
 
 def _run_batch(connection: Connection, batch: list[_Waiting]) -> None:
@@ -493,7 +561,9 @@ async def _begin_immediate(connection: Connection) -> None:
 
 def _configure_sync_sqlite_writer(engine: Engine) -> None:
     # busy_timeout=0: SQLite's busy handler would sleep on the loop's thread (_begin_immediate).
-    _on_connect_pragmas(engine, "busy_timeout=0", "foreign_keys=ON", "synchronous=NORMAL")
+    # The log is checkpointed on another thread (WalCheckpointer); the writer does so itself only
+    # if that thread falls far behind.
+    _on_connect_pragmas(engine, "busy_timeout=0", "foreign_keys=ON", "synchronous=NORMAL", "wal_autocheckpoint=20000")
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -144,3 +145,27 @@ def test_on_sqlite_functions_handed_in_together_commit_together_and_a_failure_un
     assert len(commits) == 1  # one transaction for the four
     (after,) = rows(db_url, "api_token")
     assert (after["reserved_micros"], after["in_flight"]) == (300, 2)
+
+
+def test_on_sqlite_the_log_is_checkpointed_on_another_thread_never_by_the_writer(db_url: str) -> None:
+    if not db_url.startswith("sqlite"):
+        pytest.skip("SQLite only: its write-ahead log")
+    token = _token(db_url, budget_micros=10**9)
+
+    async def scenario(transactions: Transactions) -> tuple[Any, set[int], int, int]:
+        checkpointer = transactions._checkpointer
+        assert checkpointer is not None
+        autocheckpoint = await transactions.run(
+            lambda connection: connection.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar())
+        for _ in range(3 * checkpointer.EVERY_COMMITS):
+            await transactions.run(_admit(token["id"], 1))
+        checkpointer.wait()
+        return autocheckpoint, checkpointer.thread_ids, checkpointer.runs, threading.get_ident()
+
+    autocheckpoint, checkpoint_threads, runs, loop_thread = _run(db_url, scenario)
+    assert autocheckpoint == 20000  # the writer's own checkpoint is only a fallback
+    assert runs >= 2
+    assert checkpoint_threads
+    assert loop_thread not in checkpoint_threads
+    (after,) = rows(db_url, "api_token")
+    assert after["in_flight"] == 3 * 32
