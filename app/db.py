@@ -8,7 +8,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar, Token
 from pathlib import Path
 from typing import Any, TypeVar
@@ -426,7 +426,7 @@ class Transactions:
                         taken = self._take_waiting()
                     _run_batch(connection, [(work, done) for work, done in taken if not done.done()])
                     if self._checkpointer is not None:
-                        self._checkpointer.committed()
+                        self._checkpointer.committed(lock)
                 finally:
                     if connection.in_transaction():
                         connection.rollback()
@@ -458,10 +458,12 @@ class WalCheckpointer:
 
     With SQLite's automatic checkpoint, the commit that filled the log copied it into the
     database and synced both files on the event loop's thread: one commit in sixty took 4 to
-    7 ms instead of 80 µs, and those stalls were 40% of all commit time under load. A passive
-    checkpoint never waits for the writer or for readers, and the sqlite3 module lets go of the
-    GIL while it copies and syncs, so the loop keeps serving meanwhile. The writer keeps an
-    automatic checkpoint at a much larger log size, in case this thread ever falls behind."""
+    7 ms instead of 80 µs, and those stalls were 40% of all commit time under load. Here the
+    copy and the syncs run on another thread (the sqlite3 module lets go of the GIL meanwhile)
+    while the loop serves everything but writes: the checkpoint holds the write lock, so no
+    commit adds to the log while it is copied, the checkpoint completes, and the next write
+    starts the log over instead of growing it. The writer keeps an automatic checkpoint at a
+    larger log size, in case this ever falls behind."""
 
     EVERY_COMMITS = 32
 
@@ -469,22 +471,26 @@ class WalCheckpointer:
         self._database = database
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal-checkpoint")
         self._commits = 0
-        self._running: Future[None] | None = None
+        self._running: asyncio.Future[None] | None = None
         self._connection: sqlite3.Connection | None = None
         self.runs = 0
         self.thread_ids: set[int] = set()
 
-    def committed(self) -> None:
-        """Count a commit; start a checkpoint when enough have passed and none is running."""
+    def committed(self, write_lock: asyncio.Lock) -> None:
+        """Count a commit; start a checkpoint when enough have passed and none is under way."""
         self._commits += 1
         if self._commits >= self.EVERY_COMMITS and (self._running is None or self._running.done()):
             self._commits = 0
-            self._running = self._executor.submit(self._checkpoint)
+            self._running = asyncio.ensure_future(self._checkpoint_between_writes(write_lock))
 
-    def wait(self) -> None:
+    async def wait(self) -> None:
         """Wait for the checkpoint under way, if any."""
         if self._running is not None:
-            self._running.result()
+            await self._running
+
+    async def _checkpoint_between_writes(self, write_lock: asyncio.Lock) -> None:
+        async with write_lock:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._checkpoint)
 
     def _checkpoint(self) -> None:
         try:
@@ -500,6 +506,8 @@ class WalCheckpointer:
 
     def close(self) -> None:
         """Let the last checkpoint finish, then close the thread and its connection."""
+        if self._running is not None and not self._running.done():
+            self._running.cancel()
         self._executor.shutdown(wait=True)
         if self._connection is not None:
             self._connection.close()
@@ -563,7 +571,7 @@ def _configure_sync_sqlite_writer(engine: Engine) -> None:
     # busy_timeout=0: SQLite's busy handler would sleep on the loop's thread (_begin_immediate).
     # The log is checkpointed on another thread (WalCheckpointer); the writer does so itself only
     # if that thread falls far behind.
-    _on_connect_pragmas(engine, "busy_timeout=0", "foreign_keys=ON", "synchronous=NORMAL", "wal_autocheckpoint=20000")
+    _on_connect_pragmas(engine, "busy_timeout=0", "foreign_keys=ON", "synchronous=NORMAL", "wal_autocheckpoint=4000")
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:
