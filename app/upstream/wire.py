@@ -197,12 +197,13 @@ class WirePool:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("an upstream URL is http:// or https:// with a host")
+        secure = parts.scheme == "https"
+        default_port = 443 if secure else 80
         self._host = parts.hostname
-        self._port = parts.port or (443 if parts.scheme == "https" else 80)
-        self._ssl: ssl.SSLContext | None = ssl.create_default_context() if parts.scheme == "https" else None
-        default_port = self._port == (443 if parts.scheme == "https" else 80)
+        self._port = parts.port or default_port
+        self._ssl: ssl.SSLContext | None = ssl.create_default_context() if secure else None
         host = f"[{self._host}]" if ":" in self._host else self._host
-        self._host_header = host if default_port else f"{host}:{self._port}"
+        self._host_header = host if self._port == default_port else f"{host}:{self._port}"
         self._path_prefix = parts.path.rstrip("/") + "/"
         self._max_connections = max_connections
         self._keepalive_seconds = keepalive_seconds
