@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,6 +29,25 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+    # On SQLite a timestamp is text in SQLAlchemy's format (`2026-12-02 05:21:11.000123`). Its
+    # processors, chained after ours, built that string from a dict of seven fields and took a
+    # twentieth of a create's CPU for the dozen timestamps a prediction writes; this makes the
+    # same text in one call.
+    def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any] | None:
+        if dialect.name != "sqlite":
+            return super().bind_processor(dialect)
+
+        def process(value: datetime | None) -> str | None:
+            if value is None:
+                return None
+            if value.tzinfo is not UTC:
+                if value.tzinfo is None:
+                    raise ValueError("naive datetime given to a UTC column")
+                value = value.astimezone(UTC)
+            return value.isoformat(" ", "microseconds")[:26]  # without the "+00:00"
+
+        return process
 
 
 def utcnow() -> datetime:

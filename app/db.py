@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sqlite3
 import threading
@@ -13,6 +14,7 @@ from contextvars import ContextVar, Token
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -68,6 +70,17 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+def json_text(value: Any) -> str:
+    """A JSON column's text on SQLite: orjson's, or the standard library's for what orjson
+    refuses (integers past 64 bits, keys that are not strings).
+
+    The standard library's encoder took a fiftieth of a create's CPU for its two JSON columns."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return json.dumps(value)
+
+
 def make_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
     """An async engine; on SQLite, WAL and write-locking transactions (BEGIN IMMEDIATE)."""
     url = to_async_url(database_url)
@@ -78,7 +91,7 @@ def make_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
         engine = create_async_engine(
             url, pool_size=20, max_overflow=40,
             async_creator=sqlite_inline.connector(parsed.database or "", uri=parsed.query.get("uri") == "true"),
-            **kwargs,
+            json_serializer=json_text, **kwargs,
         )
         _configure_sqlite(engine)
         return engine
@@ -311,7 +324,7 @@ def entity_by_key(connection: Connection, entity: type[T], ident: Any) -> T | No
 def _sync_sqlite_engine(engine: AsyncEngine) -> Engine:
     # One plain connection per thread: used only from the event loop's thread.
     return create_engine(engine.url.set(drivername="sqlite"), poolclass=SingletonThreadPool,
-                         connect_args={"check_same_thread": True})
+                         connect_args={"check_same_thread": True}, json_serializer=json_text)
 
 
 class HotReads:
