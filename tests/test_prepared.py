@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, TypeVar
 
 import pytest
-from sqlalchemy import Engine, bindparam, event, select, update
+from sqlalchemy import DateTime, Engine, bindparam, event, select, update
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, StatementError
 
 from app.accounting import service as accounting
-from app.db import Prepared, Transactions, entity_by_key, make_engine, make_sessionmaker
+from app.columns import UTCDateTime
+from app.db import Prepared, Transactions, entity_by_key, json_text, make_engine, make_sessionmaker
 from app.predictions.models import PREDICTIONS, Prediction, Submission
 from app.predictions.recording import _state_update
-from app.predictions.service import _INSERT, _row_values
+from app.predictions.service import _INSERT
 from tests.dbtools import create_token, rows
 
 NOW = datetime(2026, 11, 21, 12, 0, 0, 123456, tzinfo=UTC)
@@ -59,6 +62,12 @@ def _prediction(token_id: str, **overrides: Any) -> Prediction:
         "poll_attempts": 0, "webhook_sequence": 0, "outputs_archived": False,
     }
     return Prediction(**{**values, **overrides})
+
+
+def _row_values(prediction: Prediction) -> dict[str, Any]:
+    """The columns a create inserts: those the prediction sets."""
+    values = {column.name: getattr(prediction, column.key) for column in PREDICTIONS.columns}
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def _columns(prediction: Prediction | None) -> dict[str, Any]:
@@ -181,3 +190,27 @@ def _token(db_url: str) -> str:
 
 def test_the_keyed_read_of_a_missing_row_is_none(db_url: str) -> None:
     assert _in_transaction(db_url, lambda connection: entity_by_key(connection, Prediction, "n" * 26)) is None
+
+
+def test_a_timestamp_is_stored_as_the_text_sqlalchemys_own_sqlite_type_writes() -> None:
+    # Rows written before and after must compare and sort alike, on the same text.
+    dialect = sqlite.dialect()
+    ours = UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
+    theirs = DateTime().dialect_impl(dialect).bind_processor(dialect)
+    assert ours is not None
+    assert theirs is not None
+    five_east = timezone(timedelta(hours=5))
+    for moment in (NOW, NOW.replace(microsecond=0), datetime(999, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+                   datetime(2026, 1, 1, 1, 0, 0, 7, tzinfo=five_east)):
+        assert ours(moment) == theirs(moment.astimezone(UTC).replace(tzinfo=None))
+    assert ours(datetime(2026, 1, 1, 1, tzinfo=five_east)) == "2025-12-31 20:00:00.000000"
+    assert ours(None) is None
+    with pytest.raises(ValueError, match="naive"):
+        ours(datetime(2026, 1, 1))
+
+
+def test_json_columns_are_written_by_orjson_and_by_the_standard_library_where_orjson_refuses() -> None:
+    assert json_text({"prompt": "hi ✓", "n": [1, 2.5, None, True]}) == '{"prompt":"hi ✓","n":[1,2.5,null,true]}'
+    assert json.loads(json_text({"seed": 10**30})) == {"seed": 10**30}
+    assert json.loads(json_text({1: "one"})) == {"1": "one"}
+

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation, localcontext
 from fnmatch import fnmatchcase
+from functools import lru_cache
 from typing import Any
 
 from app.config import PriceRule
@@ -48,6 +49,9 @@ def _metric(metrics: dict[str, Any] | None, name: str) -> Decimal | None:
     return amount if amount.is_finite() and amount >= 0 else None
 
 
+# Every create prices its estimate with the same few rules: a Decimal context of 100 digits per
+# call cost as much as the rest of the estimate.
+@lru_cache(maxsize=4096)
 def to_micros(usd: Decimal, ppm: int = ONE_PPM) -> int:
     """USD, times a multiplier in parts per million, to micro-dollars, rounded half up once."""
     with localcontext() as context:

@@ -23,7 +23,7 @@ IN_FLIGHT_RETRY_AFTER = 2
 
 def month_of(moment: datetime) -> str:
     """The calendar month a monthly budget window is named by, e.g. "2026-11"."""
-    return moment.strftime("%Y-%m")
+    return f"{moment.year:04d}-{moment.month:02d}"
 
 
 _TOKENS = cast(Table, ApiToken.__table__)

@@ -17,7 +17,8 @@ def rfc3339(moment: datetime | None) -> str | None:
     """RFC 3339 in UTC with exactly six fractional digits, as Replicate sends."""
     if moment is None:
         return None
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat, not strftime: a third of the time, for the three timestamps of every answer.
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")[:26] + "Z"
 
 
 def stream_token(prediction_id: str, key: bytes) -> str:

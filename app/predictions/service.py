@@ -60,12 +60,6 @@ _DATA_URI = re.compile(r"^data:([^;,]{0,100})(;[^,]{0,200})?,", re.IGNORECASE)
 _INSERT = Prepared(insert(PREDICTIONS))
 
 
-def _row_values(prediction: Prediction) -> dict[str, Any]:
-    """The columns a new prediction sets; unset ones are left to the database (SQL NULL)."""
-    values = {column.name: prediction.__dict__.get(column.key) for column in PREDICTIONS.columns}
-    return {name: value for name, value in values.items() if value is not None}
-
-
 @dataclass(frozen=True)
 class CreateTarget:
     """Where a create goes upstream and what we know of it before the upstream answers."""
@@ -213,31 +207,34 @@ class PredictionService(PredictionRecorder):
         now = utcnow()
         in_doubt_after = (self._settings.connect_timeout + self._settings.create_timeout
                           + (wait or 0) + IN_DOUBT_MARGIN_SECONDS)
-        prediction = detached(
-            Prediction,
-            id=new_id(),
-            token_id=token.id,
-            upstream=candidates[0].name,
-            submission=Submission.PENDING,
-            model=target.model or UNKNOWN_MODEL,
-            version=target.version,
-            deployment=target.deployment,
-            status="starting",
-            input=reduce_data_uris(recorded),
-            created_at=now,
-            updated_at=now,
-            estimate_micros=pricing.estimate_of(rule, self._settings.default_estimate, ppm),
-            price_multiplier_ppm=ppm,
-            bill_failures=(rule is not None and rule.bill_failures) or candidates[0].config.bill_failures,
-            submit_deadline=now + timedelta(seconds=in_doubt_after),
-            idempotency_key=idempotency_key,
-            request_hash=request_hash,
-            webhook=webhook,
-            webhook_events_filter=webhook_events_filter,
-            public_base=public_base,
+        # Each key is a column: the same values make the object and the inserted row.
+        values: dict[str, Any] = {
+            "id": new_id(),
+            "token_id": token.id,
+            "upstream": candidates[0].name,
+            "submission": Submission.PENDING,
+            "model": target.model or UNKNOWN_MODEL,
+            "version": target.version,
+            "deployment": target.deployment,
+            "status": "starting",
+            "input": reduce_data_uris(recorded),
+            "created_at": now,
+            "updated_at": now,
+            "estimate_micros": pricing.estimate_of(rule, self._settings.default_estimate, ppm),
+            "price_multiplier_ppm": ppm,
+            "bill_failures": (rule is not None and rule.bill_failures) or candidates[0].config.bill_failures,
+            "submit_deadline": now + timedelta(seconds=in_doubt_after),
+            "idempotency_key": idempotency_key,
+            "request_hash": request_hash,
+            "webhook": webhook,
+            "webhook_events_filter": webhook_events_filter,
+            "public_base": public_base,
             # What a flush would have filled in: the row is written by a plain insert below.
-            streamable=False, poll_attempts=0, webhook_sequence=0, outputs_archived=False,
-        )
+            "streamable": False, "poll_attempts": 0, "webhook_sequence": 0, "outputs_archived": False,
+        }
+        prediction = detached(Prediction, **values)
+        # Unset columns are left to the database (SQL NULL).
+        row_values = {name: value for name, value in values.items() if value is not None}
         # Rate and in-flight slots come from Redis when it answers; the database then checks
         # only the budget, and slots it refuses (or never records) are given back.
         held = await self._limits.take(token=token, prediction_id=prediction.id, now=now)
@@ -246,7 +243,7 @@ class PredictionService(PredictionRecorder):
         def admit_and_record(connection: Connection) -> None:
             accounting.admit(connection, token_id=token.id, estimate_micros=prediction.estimate_micros,
                              now=now, limits_taken=held is not None)
-            _INSERT.execute(connection, _row_values(prediction))
+            _INSERT.execute(connection, row_values)
             accounting.reserve(connection, prediction_id=prediction.id, token_id=token.id,
                                estimate_micros=prediction.estimate_micros)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import secrets
@@ -30,9 +29,12 @@ INSTANCE_KEY_ID = 1
 WITH_GROUP = joinedload(ApiToken.group)
 
 
-# Base32's extended-hex alphabet sorts like the values it encodes; mapped in order onto the
-# characters of lowercase base32, ids keep Replicate's alphabet and still sort by value.
-_SORTED_BASE32 = bytes.maketrans(b"0123456789ABCDEFGHIJKLMNOPQRSTUV", b"234567abcdefghijklmnopqrstuvwxyz")
+# Lowercase base32's characters in the order of the values they stand for (unlike RFC 4648's
+# order), so ids keep Replicate's alphabet and still sort by value. Ids are written ten bits,
+# two characters, at a time: half the time of base64's pure-Python base32 encoder.
+_ALPHABET = "234567abcdefghijklmnopqrstuvwxyz"
+_PAIRS = tuple(first + second for first in _ALPHABET for second in _ALPHABET)
+_TEN_BIT_SHIFTS = tuple(range(120, -1, -10))
 
 
 def new_id() -> str:
@@ -42,9 +44,9 @@ def new_id() -> str:
     Ids made later sort later, so each new row lands on the last pages of the indexes keyed by
     it instead of on a random page: with random ids, every create dirtied its own page of the
     prediction key and of the ledger's, and each dirty page is written at commit."""
-    millisecond = time.time_ns() // 1_000_000
-    value = (millisecond << 80 | int.from_bytes(secrets.token_bytes(10), "big")) << 6  # 130 bits in 17 bytes
-    return base64.b32hexencode(value.to_bytes(17, "big"))[:26].translate(_SORTED_BASE32).decode()
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(secrets.token_bytes(10), "big")
+    pairs = _PAIRS
+    return "".join([pairs[value >> shift & 1023] for shift in _TEN_BIT_SHIFTS])
 
 
 def new_secret_token() -> str:
