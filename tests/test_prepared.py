@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, TypeVar
 
 import pytest
-from sqlalchemy import DateTime, Engine, bindparam, event, select, update
+from sqlalchemy import DateTime, Engine, bindparam, event, select, text, update
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, StatementError
@@ -18,8 +18,11 @@ from app.accounting import service as accounting
 from app.columns import UTCDateTime
 from app.db import Prepared, Transactions, entity_by_key, json_text, make_engine, make_sessionmaker
 from app.predictions.models import PREDICTIONS, Prediction, Submission
-from app.predictions.recording import _state_update
+from app.predictions.recording import PredictionRecorder, _state_update
 from app.predictions.service import _INSERT
+from app.upstream.registry import Registry
+from app.upstream.schemas import parse_prediction
+from tests.conftest import make_settings
 from tests.dbtools import create_token, rows
 
 NOW = datetime(2026, 11, 21, 12, 0, 0, 123456, tzinfo=UTC)
@@ -214,3 +217,81 @@ def test_json_columns_are_written_by_orjson_and_by_the_standard_library_where_or
     assert json.loads(json_text({"seed": 10**30})) == {"seed": 10**30}
     assert json.loads(json_text({1: "one"})) == {"1": "one"}
 
+
+def test_the_link_key_and_poll_indexes_hold_only_the_rows_that_set_them(db_url: str) -> None:
+    token_id = _token(db_url)
+    unlinked = [_prediction(token_id, id=f"{n}" * 26) for n in range(1, 3)]
+    for prediction in unlinked:
+        _in_transaction(db_url, lambda connection, p=prediction: _INSERT.execute(connection, _row_values(p)))
+    partial = ("uq_prediction_upstream_upstream_id", "uq_prediction_token_id_idempotency_key",
+               "ix_prediction_next_poll_at")
+    if db_url.startswith("sqlite"):
+        # Each index's entries, counted from its pages: the unlinked rows are in none of them.
+        entries = _in_transaction(db_url, lambda connection: dict(connection.exec_driver_sql(
+            "SELECT name, sum(ncell) FROM dbstat WHERE pagetype = 'leaf' GROUP BY name").all()))
+        assert {name: entries[name] for name in partial} == dict.fromkeys(partial, 0)
+        assert entries["ix_prediction_created_at_id"] == 2  # an ordinary index holds both
+    else:
+        definitions = _in_transaction(db_url, lambda connection: dict(connection.execute(text(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'prediction'")).all()))
+        for name in partial:
+            assert "WHERE (" in definitions[name], definitions[name]
+    # Still unique where set.
+    linked = _prediction(token_id, id="7" * 26, upstream_id="up-1", idempotency_key="k")
+    _in_transaction(db_url, lambda connection: _INSERT.execute(connection, _row_values(linked)))
+    for clash in ({"upstream_id": "up-1"}, {"idempotency_key": "k"}):
+        with pytest.raises(IntegrityError):
+            _in_transaction(db_url, lambda connection, c=clash: _INSERT.execute(
+                connection, _row_values(_prediction(token_id, id="8" * 26, **c))))
+    assert len(rows(db_url, "prediction")) == 3
+
+
+def test_on_sqlite_the_lookups_by_link_and_key_read_the_partial_indexes(db_url: str) -> None:
+    if not db_url.startswith("sqlite"):
+        pytest.skip("SQLite's query plan")
+    lookups = {
+        "uq_prediction_upstream_upstream_id": "SELECT id FROM prediction WHERE upstream = ? AND upstream_id = ?",
+        "uq_prediction_token_id_idempotency_key":
+            "SELECT id FROM prediction WHERE token_id = ? AND idempotency_key = ?",
+    }
+    for index, query in lookups.items():
+        plan = _in_transaction(db_url, lambda connection, q=query: " ".join(
+            str(row[-1]) for row in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {q}", ("a", "b"))))
+        assert index in plan, plan
+
+
+def test_a_state_that_keeps_the_status_leaves_the_status_and_its_index_entry_alone(db_url: str) -> None:
+    token_id = _token(db_url)
+    prediction = _prediction(token_id, id="9" * 26, upstream_id="up-9", submission=Submission.ACCEPTED)
+    _in_transaction(db_url, lambda connection: _INSERT.execute(connection, _row_values(prediction)))
+    settings = make_settings(db_url, "http://127.0.0.1:9/replicate", "relay-key")
+    statements: list[str] = []
+
+    async def scenario() -> tuple[str, str]:
+        engine = make_engine(db_url)
+        transactions = Transactions(engine, make_sessionmaker(engine))
+        registry = Registry.from_settings(settings)
+        recorder = PredictionRecorder(transactions=transactions, registry=registry, settings=settings, key=b"k")
+        try:
+            if db_url.startswith("sqlite"):
+                await transactions.run(lambda c: c.connection.dbapi_connection.set_trace_callback(statements.append))
+            base = {"id": "up-9", "status": "starting", "logs": "loading"}
+            kept = await recorder.apply_upstream_state(prediction.id, parse_prediction(base))
+            if db_url.startswith("sqlite"):
+                await transactions.run(lambda c: c.connection.dbapi_connection.set_trace_callback(None))
+            moved = await recorder.apply_upstream_state(
+                prediction.id, parse_prediction({**base, "status": "processing"}))
+            return kept.status, moved.status
+        finally:
+            await registry.aclose()
+            transactions.dispose()
+            await engine.dispose()
+
+    assert asyncio.run(scenario()) == ("starting", "processing")
+    (row,) = rows(db_url, "prediction")
+    assert (row["status"], row["logs"]) == ("processing", "loading")
+    if db_url.startswith("sqlite"):
+        (update_sql,) = [sql for sql in statements if sql.startswith("UPDATE prediction")]
+        assigned = update_sql.split(" SET ", 1)[1].split(" WHERE ", 1)[0].replace(" ", "")
+        assert "logs=" in assigned, update_sql
+        assert "status=" not in assigned, update_sql

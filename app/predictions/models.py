@@ -15,7 +15,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -36,14 +36,24 @@ class Submission:
     UNKNOWN = "unknown"  # the create may have reached the upstream; outcome unknown
 
 
+def _partial_index(name: str, *columns: str, unique: bool = False) -> Index:
+    """An index over the rows whose last column is set (on both databases)."""
+    where = text(f"{columns[-1]} IS NOT NULL")
+    return Index(name, *columns, unique=unique, sqlite_where=where, postgresql_where=where)
+
+
 class Prediction(Base):
     """A prediction as the gateway knows it, with its upstream link and its cost."""
 
     __tablename__ = "prediction"
+    # The upstream link, the idempotency key and the poll schedule are indexed only where they
+    # are set: a create then writes none of these three indexes, and its link and the
+    # reconciler add or remove one entry each instead of moving it. Every lookup by these
+    # columns compares them with a value, which implies the condition, so it can use them.
     __table_args__ = (
-        UniqueConstraint("upstream", "upstream_id"),
-        UniqueConstraint("token_id", "idempotency_key"),
-        Index("ix_prediction_next_poll_at", "next_poll_at"),
+        _partial_index("uq_prediction_upstream_upstream_id", "upstream", "upstream_id", unique=True),
+        _partial_index("uq_prediction_token_id_idempotency_key", "token_id", "idempotency_key", unique=True),
+        _partial_index("ix_prediction_next_poll_at", "next_poll_at"),
         Index("ix_prediction_token_id_created_at_id", "token_id", "created_at", "id"),
         # Newest-first keyset pages, alone or within one model or status (the dashboard's filters).
         Index("ix_prediction_created_at_id", "created_at", "id"),

@@ -7,7 +7,6 @@ from typing import Any
 
 from sqlalchemy import bindparam, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.orm.attributes import set_committed_value
 
 from app.accounting import pricing
 from app.accounting import service as accounting
@@ -138,6 +137,10 @@ class PredictionRecorder:
                 values["version"] = reply.version
             previous_status = row.status
             previous_output, previous_logs = row.output, row.logs
+            if reply.status == previous_status:
+                # Left out, so its index entry is not rewritten. Statuses never move backwards,
+                # so a row at least this far on that the compare-and-set lets through is at it.
+                del values["status"]
             statement = _state_update(reply.status, link is not None, tuple(values))
             parameters = {f"set_{name}": value for name, value in values.items()}
             changed = statement.execute(connection, {"match_id": prediction_id, **parameters}) == 1
@@ -146,9 +149,9 @@ class PredictionRecorder:
             if not changed:
                 # Someone else moved it on: answer with what they wrote.
                 return self._reread(connection, prediction_id), False
-            # The row now holds exactly `values`: no need to read it back.
-            for name, value in values.items():
-                set_committed_value(row, name, value)
+            # The row now holds exactly `values`: no need to read it back. It is a session-less
+            # object (`detached`), so its attributes are plain entries of its dictionary.
+            row.__dict__.update(values)
             if outcome is not None:
                 accounting.close(
                     connection, prediction_id=prediction_id, token_id=row.token_id,
