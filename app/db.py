@@ -429,6 +429,12 @@ class Transactions:
     async def _commit_waiting(self, engine: Engine, lock: asyncio.Lock) -> None:
         taken: list[_Waiting] | None = None
         try:
+            # One turn of the loop first: what that turn's network events hand in (the next
+            # creates, the answers just read) joins this batch. A commit writes each page its
+            # works dirtied once, and works that arrive together share most of their pages (the
+            # last pages of the time-ordered indexes, the token's row): under the 50 ms relay
+            # this cut a create's CPU by a tenth.
+            await asyncio.sleep(0)
             async with lock:
                 connection = self._writer(engine)
                 try:

@@ -148,6 +148,26 @@ def test_on_sqlite_functions_handed_in_together_commit_together_and_a_failure_un
     assert (after["reserved_micros"], after["in_flight"]) == (300, 2)
 
 
+def test_on_sqlite_a_function_handed_in_on_the_next_turn_of_the_loop_joins_the_batch(db_url: str) -> None:
+    # What the next turn's network events hand in shares the commit, and the pages it writes.
+    if not db_url.startswith("sqlite"):
+        pytest.skip("SQLite only: PostgreSQL runs each function in its own transaction")
+    token = _token(db_url, budget_micros=1000)
+    commits: list[int] = []
+
+    async def scenario(transactions: Transactions) -> list[Any]:
+        event.listen(transactions._sync_engine, "commit", lambda _: commits.append(1))
+        first = asyncio.ensure_future(transactions.run(_admit(token["id"], 100)))
+        await asyncio.sleep(0)  # the first is now waiting for its commit
+        second = asyncio.ensure_future(transactions.run(_admit(token["id"], 200)))
+        return list(await asyncio.gather(first, second))
+
+    assert _run(db_url, scenario) == [None, None]
+    assert len(commits) == 1
+    (after,) = rows(db_url, "api_token")
+    assert (after["reserved_micros"], after["in_flight"]) == (300, 2)
+
+
 def test_on_sqlite_the_log_is_checkpointed_on_another_thread_never_by_the_writer(db_url: str) -> None:
     if not db_url.startswith("sqlite"):
         pytest.skip("SQLite only: its write-ahead log")
