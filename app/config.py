@@ -128,6 +128,11 @@ class Settings(BaseSettings):
     # How long an authenticated token is reused without reading it again; creates re-check
     # revocation in the database regardless, so this bounds only reads after a revocation.
     auth_cache_seconds: float = Field(default=1.0, ge=0, le=60)
+    # How long an unfinished prediction's row is reused by GETs without reading it again. Every
+    # GET still asks the upstream, and this process's own writes replace the row at once, so
+    # this bounds only how late a GET here shows what another process alone could know (a
+    # forced finish): a change the upstream reports is recorded and answered as ever.
+    running_cache_seconds: float = Field(default=1.0, ge=0, le=60)
     # Rate and in-flight limits shared through Redis; without it, through the database.
     redis_url: SecretStr | None = None
     redis_prefix: str = "replicate-gateway:"

@@ -166,10 +166,16 @@ class PredictionRecorder:
                                      previous_logs=previous_logs)
             return row, outcome is not None
 
-        row, closed = await self._transactions.run(record)
+        try:
+            row, closed = await self._transactions.run(record)
+        finally:
+            self._recorded(prediction_id)
         if closed:
             await self._limits.release(row.token_id, prediction_id)
         return row
+
+    def _recorded(self, prediction_id: str) -> None:
+        """Called once this process has written (or tried to write) a prediction's state."""
 
     @staticmethod
     def _reread(connection: Connection, prediction_id: str) -> Prediction:
@@ -217,7 +223,10 @@ class PredictionRecorder:
                                      previous_logs=previous_logs)
             return row
 
-        finished = await self._transactions.run(finish)
+        try:
+            finished = await self._transactions.run(finish)
+        finally:
+            self._recorded(prediction_id)
         if finished is None:
             return False
         await self._limits.release(finished.token_id, prediction_id)

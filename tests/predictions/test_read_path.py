@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import httpx
 
+from app.db import Transactions, make_engine, make_sessionmaker
+from app.predictions.recording import PredictionRecorder
+from app.upstream.registry import Registry
 from tests.conftest import Gateway
 from tests.dbtools import create_token, rows
 from tests.fakes.relay import FakeRelay
@@ -65,3 +70,76 @@ def test_a_cached_final_prediction_is_still_only_its_owners(gateway: Gateway, ap
         theirs = assert_problem(other.get(f"/predictions/{prediction_id}"), 404)
         unknown = assert_problem(other.get("/predictions/" + "z" * 26), 404)
     assert theirs == unknown
+
+
+def _running(gateway: Gateway, api: httpx.Client, relay: FakeRelay) -> str:
+    relay.starting_seconds = 0
+    relay.processing_seconds = 600
+    created = create(api)
+    assert created.status_code == 201, created.text
+    prediction_id: str = created.json()["id"]
+    assert api.get(f"/predictions/{prediction_id}").json()["status"] == "processing"
+    return prediction_id
+
+
+def test_a_running_prediction_is_asked_of_the_upstream_every_time_and_read_from_the_ledger_once(
+        gateway_factory: Any, relay: FakeRelay) -> None:
+    gateway = gateway_factory(reconcile_interval=3600, running_cache_seconds=60)
+    service = gateway.server.server.config.app.state.gateway.predictions
+    reads: list[str] = []
+    read = service._hot_reads.get
+
+    async def counted(entity: Any, ident: Any) -> Any:
+        reads.append(ident)
+        return await read(entity, ident)
+
+    service._hot_reads.get = counted
+    with gateway.client(create_token(gateway.db_url, "poller")) as api:
+        prediction_id = _running(gateway, api, relay)
+        polls_before = len([c for c in relay.calls if c.method == "GET"])
+        for _ in range(4):
+            assert api.get(f"/predictions/{prediction_id}").json()["status"] == "processing"
+        with gateway.client(create_token(gateway.db_url, "someone-else")) as other:
+            assert_problem(other.get(f"/predictions/{prediction_id}"), 404)  # still only its owner's
+    assert len([c for c in relay.calls if c.method == "GET"]) == polls_before + 4
+    assert reads.count(prediction_id) == 1
+
+
+async def _force_finish_elsewhere(gateway: Gateway, prediction_id: str) -> bool:
+    """What another gateway process on the same database does when it gives up on a prediction."""
+    engine = make_engine(gateway.db_url)
+    transactions = Transactions(engine, make_sessionmaker(engine))
+    registry = Registry.from_settings(gateway.settings)
+    recorder = PredictionRecorder(transactions=transactions, registry=registry, settings=gateway.settings,
+                                  key=b"another process")
+    try:
+        return await recorder.force_finish(prediction_id, status="aborted", reason="gave up elsewhere")
+    finally:
+        await registry.aclose()
+        transactions.dispose()
+        await engine.dispose()
+
+
+def test_what_another_process_wrote_shows_once_the_row_is_read_again(
+        gateway_factory: Any, relay: FakeRelay) -> None:
+    gateway = gateway_factory(reconcile_interval=3600, running_cache_seconds=0.2)
+    with gateway.client(create_token(gateway.db_url, "poller")) as api:
+        prediction_id = _running(gateway, api, relay)
+        # Another gateway process force-finishes it; the relay still says "processing".
+        assert asyncio.run(_force_finish_elsewhere(gateway, prediction_id))
+        time.sleep(0.3)
+        assert api.get(f"/predictions/{prediction_id}").json()["status"] == "canceled"
+
+
+def test_what_this_process_records_replaces_its_cached_row_at_once(gateway_factory: Any, relay: FakeRelay) -> None:
+    gateway = gateway_factory(reconcile_interval=0.1, poll_backoff_max=0.1, running_cache_seconds=60)
+    with gateway.client(create_token(gateway.db_url, "poller")) as api:
+        prediction_id = _running(gateway, api, relay)
+        # The relay forgets it: GETs keep the last known state until the reconciler, in this
+        # process, gives up on the prediction.
+        relay.forget(str(_ledger_row(gateway, prediction_id)["upstream_id"]))
+        deadline = time.monotonic() + 20
+        while (body := api.get(f"/predictions/{prediction_id}").json())["status"] == "processing":
+            assert time.monotonic() < deadline, "the forced finish never showed"
+            time.sleep(0.1)
+    assert body["status"] == "failed"
