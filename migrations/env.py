@@ -20,18 +20,39 @@ def _database_url() -> str:
     return str(url) if url else Settings().async_database_url
 
 
+def _driver_pragma(connection: Connection, pragma: str) -> None:
+    # On the driver's own cursor: through Core it would first open a transaction, inside which
+    # SQLite ignores a change of foreign_keys.
+    cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(f"PRAGMA {pragma}")
+    finally:
+        cursor.close()
+
+
 def _run(connection: Connection) -> None:
+    sqlite = connection.dialect.name == "sqlite"
+    if sqlite:
+        # SQLite's own recipe for rebuilding a table other tables refer to, as batch mode does:
+        # foreign keys off outside the transaction, every reference checked before it commits.
+        _driver_pragma(connection, "foreign_keys=OFF")
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
         compare_type=True,
-        render_as_batch=connection.dialect.name == "sqlite",
+        render_as_batch=sqlite,
     )
     with context.begin_transaction():
         if connection.dialect.name == "postgresql":
             # Replicas starting together migrate one after another, never at once.
             connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})")
         context.run_migrations()
+        if sqlite:
+            broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+            if broken:
+                raise RuntimeError(f"the migration left {len(broken)} broken references, first {broken[0]}")
+    if sqlite:
+        _driver_pragma(connection, "foreign_keys=ON")
 
 
 async def _run_online() -> None:
