@@ -55,7 +55,7 @@ async def require_caller(request: Request, state: StateDep) -> Caller:
     if token is None:
         token = token_service.hash_matches(await state.hot_reads.first(token_service.by_hash(digest)), digest)
         if token is not None:
-            state.token_cache.put(token)
+            state.token_cache.put(token.token_hash, token)
     return Caller(token=token_service.ensure_live(token), secret=secret)
 
 
