@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import text
 
-from app.db import make_engine, make_sessionmaker
+from app.config import Settings
+from app.db import Transactions, make_engine, make_sessionmaker
+from app.predictions.recording import PredictionRecorder
 from app.schema import Base
 from app.tokens import service as token_service
+from app.upstream.registry import Registry
 
 TABLES = [table.name for table in reversed(Base.metadata.sorted_tables)]
 
@@ -83,3 +88,18 @@ async def _execute(url: str, statement: str) -> None:
 def execute(url: str, statement: str) -> None:
     """Run one SQL statement, for tests that set up a state the API cannot reach."""
     run(_execute(url, statement))
+
+
+@asynccontextmanager
+async def standalone_recorder(url: str, settings: Settings) -> AsyncIterator[tuple[PredictionRecorder, Transactions]]:
+    """A prediction recorder of its own on the database, as another gateway process has one."""
+    engine = make_engine(url)
+    transactions = Transactions(engine, make_sessionmaker(engine))
+    registry = Registry.from_settings(settings)
+    try:
+        yield PredictionRecorder(transactions=transactions, registry=registry, settings=settings,
+                                 key=b"a recorder of its own"), transactions
+    finally:
+        await registry.aclose()
+        transactions.dispose()
+        await engine.dispose()

@@ -18,12 +18,11 @@ from app.accounting import service as accounting
 from app.columns import UTCDateTime
 from app.db import Prepared, Transactions, entity_by_key, json_text, make_engine, make_sessionmaker
 from app.predictions.models import PREDICTIONS, Prediction, Submission
-from app.predictions.recording import PredictionRecorder, _state_update
+from app.predictions.recording import _state_update
 from app.predictions.service import _INSERT
-from app.upstream.registry import Registry
 from app.upstream.schemas import parse_prediction
 from tests.conftest import make_settings
-from tests.dbtools import create_token, rows
+from tests.dbtools import create_token, rows, standalone_recorder
 
 NOW = datetime(2026, 11, 21, 12, 0, 0, 123456, tzinfo=UTC)
 T = TypeVar("T")
@@ -268,11 +267,7 @@ def test_a_state_that_keeps_the_status_leaves_the_status_and_its_index_entry_alo
     statements: list[str] = []
 
     async def scenario() -> tuple[str, str]:
-        engine = make_engine(db_url)
-        transactions = Transactions(engine, make_sessionmaker(engine))
-        registry = Registry.from_settings(settings)
-        recorder = PredictionRecorder(transactions=transactions, registry=registry, settings=settings, key=b"k")
-        try:
+        async with standalone_recorder(db_url, settings) as (recorder, transactions):
             if db_url.startswith("sqlite"):
                 await transactions.run(lambda c: c.connection.dbapi_connection.set_trace_callback(statements.append))
             base = {"id": "up-9", "status": "starting", "logs": "loading"}
@@ -282,10 +277,6 @@ def test_a_state_that_keeps_the_status_leaves_the_status_and_its_index_entry_alo
             moved = await recorder.apply_upstream_state(
                 prediction.id, parse_prediction({**base, "status": "processing"}))
             return kept.status, moved.status
-        finally:
-            await registry.aclose()
-            transactions.dispose()
-            await engine.dispose()
 
     assert asyncio.run(scenario()) == ("starting", "processing")
     (row,) = rows(db_url, "prediction")

@@ -8,11 +8,8 @@ from typing import Any
 
 import httpx
 
-from app.db import Transactions, make_engine, make_sessionmaker
-from app.predictions.recording import PredictionRecorder
-from app.upstream.registry import Registry
 from tests.conftest import Gateway
-from tests.dbtools import create_token, rows
+from tests.dbtools import create_token, rows, standalone_recorder
 from tests.fakes.relay import FakeRelay
 from tests.helpers import assert_problem, create, wait_terminal
 
@@ -107,17 +104,8 @@ def test_a_running_prediction_is_asked_of_the_upstream_every_time_and_read_from_
 
 async def _force_finish_elsewhere(gateway: Gateway, prediction_id: str) -> bool:
     """What another gateway process on the same database does when it gives up on a prediction."""
-    engine = make_engine(gateway.db_url)
-    transactions = Transactions(engine, make_sessionmaker(engine))
-    registry = Registry.from_settings(gateway.settings)
-    recorder = PredictionRecorder(transactions=transactions, registry=registry, settings=gateway.settings,
-                                  key=b"another process")
-    try:
+    async with standalone_recorder(gateway.db_url, gateway.settings) as (recorder, _):
         return await recorder.force_finish(prediction_id, status="aborted", reason="gave up elsewhere")
-    finally:
-        await registry.aclose()
-        transactions.dispose()
-        await engine.dispose()
 
 
 def test_what_another_process_wrote_shows_once_the_row_is_read_again(
