@@ -344,6 +344,11 @@ class HotReads:
             _configure_sync_sqlite_reader(self._sync_engine)
             self._sync = sessionmaker(self._sync_engine, expire_on_commit=False)
 
+    @property
+    def on_loop_thread(self) -> bool:
+        """Whether these reads run on the event loop's thread (SQLite): cheap, and lock-free."""
+        return self._sync_engine is not None
+
     async def get(self, entity: type[T], ident: Any) -> T | None:
         """A row by primary key (on SQLite a new, session-less object; never write it back)."""
         if self._sync_engine is not None:

@@ -140,12 +140,12 @@ def create_app(
             archiver = OutputArchiver(sessions=sessions, storage=app.state.gateway.storage,
                                       settings=settings, key=key)
             reconciler = Reconciler(
-                sessions=sessions, registry=registry, service=app.state.gateway.predictions,
+                sessions=sessions, transactions=transactions, read_sessions=read_sessions, registry=registry, service=app.state.gateway.predictions,
                 settings=settings, archiver=archiver,
             )
             stop = asyncio.Event()
             reconciling = asyncio.create_task(reconciler.run_until(stop), name="reconciler")
-            deliverer = Deliverer(sessions=sessions, settings=settings, key=key)
+            deliverer = Deliverer(sessions=sessions, settings=settings, key=key, hot_reads=hot_reads)
             delivering = asyncio.create_task(deliverer.run_until(stop), name="webhooks")
             try:
                 yield

@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import create_engine
 
 from app.columns import utcnow
+from app.db import QueuedWriteSession
 from app.jobs.reconciler import CONCURRENCY, RECORDING, due_for_polling
 from tests.conftest import Gateway
 from tests.dbtools import create_token, rows
@@ -175,3 +176,31 @@ def test_on_sqlite_the_due_batch_is_read_in_poll_order_from_its_index_never_sort
         engine.dispose()
     assert "ix_prediction_next_poll_at" in plan, plan
     assert "TEMP B-TREE" not in plan, plan
+
+
+def test_on_sqlite_the_reconciler_writes_through_the_group_commit_never_a_write_session(
+    gateway_factory: Any, relay: FakeRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A write session holds the process's write lock across a thread hop per statement (1.5 to
+    # 2 ms a claim); the requests' admissions queued behind every claim and release.
+    gateway: Gateway = gateway_factory(reconcile_interval=0.1, poll_backoff_max=0.3)
+    if not gateway.db_url.startswith("sqlite"):
+        pytest.skip("SQLite only: its single write lock")
+    relay.starting_seconds, relay.processing_seconds = 0.3, 0.3
+    with gateway.client(create_token(gateway.db_url, "quiet")) as api:
+        time.sleep(0.5)  # the first pass, which also sweeps old idempotency keys, is behind us
+        opened: list[str] = []
+        entered = QueuedWriteSession.__aenter__
+
+        async def counted(self: QueuedWriteSession) -> QueuedWriteSession:
+            opened.append(threading.current_thread().name)
+            return await entered(self)
+
+        monkeypatch.setattr(QueuedWriteSession, "__aenter__", counted)
+        ids = [create(api, "budget/model", i=i).json()["id"] for i in range(12)]
+        wait_until_all_final(gateway.db_url, 20)
+    settled = {p["id"]: p for p in rows(gateway.db_url, "prediction")}
+    assert {settled[i]["status"] for i in ids} == {"succeeded"}
+    assert all(settled[i]["poll_attempts"] >= 1 for i in ids)  # the reconciler, not a client, settled them
+    assert opened == []
+    check_ledger(gateway.db_url, settled=True)
