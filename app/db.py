@@ -478,8 +478,17 @@ class Transactions:
             self._sync_engine.dispose()
 
 
+def commits_per_checkpoint(frames: int, commits: int, target_frames: int) -> int:
+    """How many commits to let pass before the next checkpoint, so that the log holds about
+    `target_frames` pages when it starts: `commits` commits just wrote `frames` pages."""
+    if frames <= 0 or commits <= 0:
+        return WalCheckpointer.MIN_COMMITS
+    wanted = int(target_frames * commits / frames)
+    return max(WalCheckpointer.MIN_COMMITS, min(WalCheckpointer.MAX_COMMITS, wanted))
+
+
 class WalCheckpointer:
-    """Checkpoints the write-ahead log on a thread of its own, every few group commits.
+    """Checkpoints the write-ahead log on a thread of its own, once it holds about a thousand pages.
 
     With SQLite's automatic checkpoint, the commit that filled the log copied it into the
     database and synced both files on the event loop's thread: one commit in sixty took 4 to
@@ -489,9 +498,16 @@ class WalCheckpointer:
     on; a second holds the write lock, so no commit adds to the log while it copies what they
     added meanwhile, the checkpoint completes, and the next write starts the log over instead
     of growing it. The writer keeps an automatic checkpoint at a larger log size, in case this
-    ever falls behind."""
+    ever falls behind.
 
-    EVERY_COMMITS = 32
+    How many commits pass between checkpoints follows how many pages a commit writes: small
+    commits, one request's each, write a few pages, and at a fixed 32 commits a process serving
+    one client at a time checkpointed fifty times a second, its second pass holding the write
+    lock for about a millisecond each time."""
+
+    MIN_COMMITS = 32
+    MAX_COMMITS = 1024
+    TARGET_FRAMES = 1000  # pages (4 MiB at SQLite's default page size)
 
     def __init__(self, database: str) -> None:
         self._database = database
@@ -499,40 +515,47 @@ class WalCheckpointer:
         self._commits = 0
         self._running: asyncio.Future[None] | None = None
         self._connection: sqlite3.Connection | None = None
+        self.every_commits = self.MIN_COMMITS
+        self.target_frames = self.TARGET_FRAMES
         self.runs = 0
         self.thread_ids: set[int] = set()
 
     def committed(self, write_lock: asyncio.Lock) -> None:
         """Count a commit; start a checkpoint when enough have passed and none is under way."""
         self._commits += 1
-        if self._commits >= self.EVERY_COMMITS and (self._running is None or self._running.done()):
-            self._commits = 0
-            self._running = asyncio.ensure_future(self._checkpoint_between_writes(write_lock))
+        if self._commits >= self.every_commits and (self._running is None or self._running.done()):
+            commits, self._commits = self._commits, 0
+            self._running = asyncio.ensure_future(self._checkpoint_between_writes(write_lock, commits))
 
     async def wait(self) -> None:
         """Wait for the checkpoint under way, if any."""
         if self._running is not None:
             await self._running
 
-    async def _checkpoint_between_writes(self, write_lock: asyncio.Lock) -> None:
+    async def _checkpoint_between_writes(self, write_lock: asyncio.Lock, commits: int) -> None:
         loop = asyncio.get_running_loop()
         # Holding the lock for the whole copy stalled every write for 3.8 ms a checkpoint at
         # the median under the 50 ms relay's creates; for the second pass alone, 1.7 ms.
-        await loop.run_in_executor(self._executor, self._checkpoint)
+        frames = await loop.run_in_executor(self._executor, self._checkpoint)
         async with write_lock:
             await loop.run_in_executor(self._executor, self._checkpoint)
+        # The log started over after the last checkpoint, so it holds what these commits wrote.
+        self.every_commits = commits_per_checkpoint(frames, commits, self.target_frames)
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self) -> int:
+        """One passive checkpoint; the pages the log held (0 when it failed)."""
         try:
             if self._connection is None:
                 self._connection = sqlite3.connect(self._database, isolation_level=None, check_same_thread=False)
                 self._connection.execute("PRAGMA busy_timeout=0")
-            self._connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            _, frames, _ = self._connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             self.runs += 1
             self.thread_ids.add(threading.get_ident())
+            return max(0, int(frames))
         except sqlite3.Error as error:
             # The writer's own automatic checkpoint still bounds the log.
             log.warning("sqlite.checkpoint_failed", extra={"error": type(error).__name__})
+            return 0
 
     def close(self) -> None:
         """Let the last checkpoint finish, then close the thread and its connection."""

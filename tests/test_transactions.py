@@ -14,7 +14,13 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 
 from app.accounting import service as accounting
-from app.db import Transactions, make_engine, make_sessionmaker
+from app.db import (
+    Transactions,
+    WalCheckpointer,
+    commits_per_checkpoint,
+    make_engine,
+    make_sessionmaker,
+)
 from app.errors import PaymentRequired
 from tests.dbtools import create_token, rows
 
@@ -176,9 +182,10 @@ def test_on_sqlite_the_log_is_checkpointed_on_another_thread_never_by_the_writer
     async def scenario(transactions: Transactions) -> tuple[Any, set[int], int, int]:
         checkpointer = transactions._checkpointer
         assert checkpointer is not None
+        checkpointer.target_frames = 1  # a checkpoint every MIN_COMMITS commits
         autocheckpoint = await transactions.run(
             lambda connection: connection.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar())
-        for _ in range(3 * checkpointer.EVERY_COMMITS):
+        for _ in range(3 * checkpointer.MIN_COMMITS):
             await transactions.run(_admit(token["id"], 1))
         await checkpointer.wait()
         # The checkpoint completed, so the next write starts the log over rather than growing it.
@@ -199,4 +206,37 @@ def test_on_sqlite_the_log_is_checkpointed_on_another_thread_never_by_the_writer
     assert loop_thread not in checkpoint_threads
     (after,) = rows(db_url, "api_token")
     assert after["in_flight"] == 3 * 32 + 1
+
+
+def test_checkpoints_come_further_apart_when_commits_are_small() -> None:
+    # 32 commits that wrote 320 pages: about 100 more make the thousand pages a checkpoint wants.
+    assert commits_per_checkpoint(320, 32, 1000) == 100
+    # Big commits never checkpoint more often than every MIN_COMMITS, tiny ones at least every MAX.
+    assert commits_per_checkpoint(32_000, 32, 1000) == WalCheckpointer.MIN_COMMITS
+    assert commits_per_checkpoint(16, 32, 1000) == WalCheckpointer.MAX_COMMITS
+    # A failed checkpoint (no page count) falls back to the shortest interval.
+    assert commits_per_checkpoint(0, 32, 1000) == WalCheckpointer.MIN_COMMITS
+
+
+def test_on_sqlite_the_checkpointer_spaces_its_runs_by_the_pages_commits_write(db_url: str) -> None:
+    if not db_url.startswith("sqlite"):
+        pytest.skip("SQLite only: its write-ahead log")
+    token = _token(db_url, budget_micros=10**9)
+
+    async def scenario(transactions: Transactions) -> tuple[int, int]:
+        checkpointer = transactions._checkpointer
+        assert checkpointer is not None
+        for _ in range(checkpointer.MIN_COMMITS):
+            await transactions.run(_admit(token["id"], 1))
+        await checkpointer.wait()
+        runs = checkpointer.runs
+        # One admission writes a few pages, so a thousand pages are many more commits away.
+        for _ in range(checkpointer.MIN_COMMITS):
+            await transactions.run(_admit(token["id"], 1))
+        await checkpointer.wait()
+        return checkpointer.every_commits, checkpointer.runs - runs
+
+    every_commits, later_runs = _run(db_url, scenario)
+    assert every_commits > 3 * WalCheckpointer.MIN_COMMITS
+    assert later_runs == 0
 
