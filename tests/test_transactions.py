@@ -209,7 +209,7 @@ def test_on_sqlite_the_log_is_checkpointed_on_another_thread_never_by_the_writer
 
 
 def test_checkpoints_come_further_apart_when_commits_are_small() -> None:
-    # 32 commits that wrote 320 pages: about 100 more make the thousand pages a checkpoint wants.
+    # 32 commits wrote 320 pages: the next checkpoint comes after 100, at about a thousand pages.
     assert commits_per_checkpoint(320, 32, 1000) == 100
     # Big commits never checkpoint more often than every MIN_COMMITS, tiny ones at least every MAX.
     assert commits_per_checkpoint(32_000, 32, 1000) == WalCheckpointer.MIN_COMMITS
