@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar, Token
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,6 +29,7 @@ from sqlalchemy import (
     create_engine,
     event,
     false,
+    func,
     inspect,
     literal,
     make_url,
@@ -47,6 +49,7 @@ from sqlalchemy.pool import SingletonThreadPool
 from sqlalchemy.sql.dml import UpdateBase
 
 from app import sqlite_inline
+from app.columns import utcnow
 from app.config import to_async_url
 
 log = logging.getLogger(__name__)
@@ -126,6 +129,23 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
             connection.exec_driver_sql("BEGIN")
         else:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def database_now(connection: Connection) -> datetime:
+    """The database's clock where it has a real one (PostgreSQL), this process's otherwise: the
+    leases several instances take are compared against one clock."""
+    if connection.dialect.name == "postgresql":
+        moment = connection.scalar(select(func.now()))
+        if isinstance(moment, datetime):
+            return moment
+    return utcnow()
+
+
+async def session_now(session: AsyncSession) -> datetime:
+    """`database_now` for a session; no round trip where the clock is this process's own."""
+    if session.get_bind().dialect.name != "postgresql":
+        return utcnow()
+    return await session.run_sync(lambda sync: database_now(sync.connection()))
 
 
 _holding_write_lock: ContextVar[bool] = ContextVar("holding_write_lock", default=False)

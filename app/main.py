@@ -140,8 +140,8 @@ def create_app(
             archiver = OutputArchiver(sessions=sessions, storage=app.state.gateway.storage,
                                       settings=settings, key=key)
             reconciler = Reconciler(
-                sessions=sessions, transactions=transactions, read_sessions=read_sessions, registry=registry, service=app.state.gateway.predictions,
-                settings=settings, archiver=archiver,
+                sessions=sessions, transactions=transactions, read_sessions=read_sessions, registry=registry,
+                service=app.state.gateway.predictions, settings=settings, archiver=archiver,
             )
             stop = asyncio.Event()
             reconciling = asyncio.create_task(reconciler.run_until(stop), name="reconciler")

@@ -8,13 +8,13 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Select, func, or_, select, update
+from sqlalchemy import Select, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.columns import utcnow
 from app.config import Settings
-from app.db import Transactions
+from app.db import Transactions, database_now, session_now
 from app.errors import Throttled
 from app.outputs.archiver import OutputArchiver
 from app.predictions.models import TERMINAL_STATUSES, Prediction, Submission
@@ -139,21 +139,12 @@ class Reconciler:
             await self._archiver.run_once()
         return len(claims) + resolved
 
-    @staticmethod
-    def _database_now(connection: Connection) -> datetime:
-        # Leases are compared against one clock: the database's, when it has a real one.
-        if connection.dialect.name == "postgresql":
-            moment = connection.scalar(select(func.now()))
-            if isinstance(moment, datetime):
-                return moment
-        return utcnow()
-
     def _backoff(self, attempts: int) -> timedelta:
         return timedelta(seconds=min(self._settings.poll_backoff_max, 2.0 * 2 ** min(attempts, 10)))
 
     async def _claim(self) -> list[Claim]:
         def claim(connection: Connection) -> list[Claim]:
-            now = self._database_now(connection)
+            now = database_now(connection)
             rows = connection.execute(due_for_polling(now).with_for_update(skip_locked=True)).all()
             lease_until = now + self._lease
             # One update per back-off step rather than one per row.
@@ -228,7 +219,7 @@ class Reconciler:
     async def _resolve_in_doubt(self) -> int:
         # A read alone: it neither takes nor waits for the write lock.
         async with self._read_sessions() as session:
-            now = await session.run_sync(lambda sync: self._database_now(sync.connection()))
+            now = await session_now(session)
             ids = list((await session.scalars(
                 select(Prediction.id).where(
                     Prediction.status.in_(("starting", "processing")),

@@ -13,12 +13,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.columns import utcnow
 from app.config import Settings
-from app.db import HotReads
+from app.db import HotReads, session_now
 from app.outbound import outbound_client
 from app.webhooks import guard
 from app.webhooks.models import DeliveryStatus, WebhookDelivery
@@ -136,12 +136,7 @@ class Deliverer:
     async def _now(self, session: AsyncSession) -> datetime:
         if self._clock is not None:
             return self._clock()
-        # Leases are compared against one clock: the database's, when it has a real one.
-        if session.get_bind().dialect.name == "postgresql":
-            moment = await session.scalar(select(func.now()))
-            if isinstance(moment, datetime):
-                return moment
-        return utcnow()
+        return await session_now(session)
 
     @staticmethod
     def _due(now: datetime) -> tuple[Any, ...]:
