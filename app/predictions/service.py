@@ -164,6 +164,9 @@ class PredictionService(PredictionRecorder):
         # once this process has written the prediction: reading it each time nearly doubled a
         # poll's CPU (210 µs against 118 at c64).
         self._running = ExpiringCache[str, Prediction](settings.running_cache_seconds, RUNNING_CACHE_SIZE)
+        # A running row's answer as last rendered, by id: kept while the poll finds the row
+        # unchanged (the same object), dropped when this process writes the prediction.
+        self._running_bodies: OrderedDict[str, tuple[Prediction, str, bytes]] = OrderedDict()
 
     async def create(
         self,
@@ -396,6 +399,7 @@ class PredictionService(PredictionRecorder):
 
     def _recorded(self, prediction_id: str) -> None:
         self._running.forget(prediction_id)
+        self._running_bodies.pop(prediction_id, None)
 
     async def get(self, token: ApiToken, prediction_id: str) -> Prediction:
         """The caller's prediction, refreshed from the upstream unless it is already final."""
@@ -413,13 +417,29 @@ class PredictionService(PredictionRecorder):
     def rendered(self, row: Prediction, public_base: str, render: Callable[[Prediction], bytes]) -> bytes:
         """`render(row)`, kept for a final prediction: it is the same bytes every time it is asked."""
         if self._finals.get(row.id) is not row:
-            return render(row)
+            return self._rendered_running(row, public_base, render)
         bodies = self._final_bodies.setdefault(row.id, {})
         body = bodies.get(public_base)
         if body is None:
             if len(bodies) >= FINAL_BASES_KEPT:
                 bodies.clear()
             body = bodies[public_base] = render(row)
+        return body
+
+    def _rendered_running(self, row: Prediction, public_base: str, render: Callable[[Prediction], bytes]) -> bytes:
+        # Rows in the running cache are replaced, never changed, once written (`_recorded`), so
+        # the same object renders the same bytes; rendering them anew on every poll cost 4.5% of
+        # the running polls a second at c64 (interleaved runs).
+        if self._running.get(row.id) is not row:
+            return render(row)
+        kept = self._running_bodies.get(row.id)
+        if kept is not None and kept[0] is row and kept[1] == public_base:
+            return kept[2]
+        body = render(row)
+        self._running_bodies[row.id] = (row, public_base, body)
+        self._running_bodies.move_to_end(row.id)
+        while len(self._running_bodies) > RUNNING_CACHE_SIZE:
+            self._running_bodies.popitem(last=False)
         return body
 
     def _never_changes(self, row: Prediction) -> bool:

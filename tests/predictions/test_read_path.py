@@ -7,7 +7,9 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 
+from app.predictions import rewrite
 from tests.conftest import Gateway
 from tests.dbtools import create_token, rows, standalone_recorder
 from tests.fakes.relay import FakeRelay
@@ -131,3 +133,30 @@ def test_what_this_process_records_replaces_its_cached_row_at_once(gateway_facto
             assert time.monotonic() < deadline, "the forced finish never showed"
             time.sleep(0.1)
     assert body["status"] == "failed"
+
+
+def test_an_unchanged_running_prediction_is_rendered_once_per_host(
+        gateway_factory: Any, relay: FakeRelay, monkeypatch: pytest.MonkeyPatch) -> None:
+    gateway = gateway_factory(reconcile_interval=3600, running_cache_seconds=60)
+    renders: list[str] = []
+    render = rewrite.to_client
+
+    def counted(row: Any, public_base: str, key: bytes, **kwargs: Any) -> dict[str, Any]:
+        renders.append(public_base)
+        return render(row, public_base, key, **kwargs)
+
+    monkeypatch.setattr(rewrite, "to_client", counted)
+    with gateway.client(create_token(gateway.db_url, "poller")) as api:
+        prediction_id = _running(gateway, api, relay)  # its first poll rendered the row
+        renders.clear()
+        answers = [api.get(f"/predictions/{prediction_id}").json() for _ in range(4)]
+        assert renders == []
+        assert all(answer == answers[0] and answer["status"] == "processing" for answer in answers)
+        other = api.get(f"/predictions/{prediction_id}", headers={"Host": "other.example"}).json()
+        assert other["urls"]["get"] == f"http://other.example/replicate/v1/predictions/{prediction_id}"
+        assert len(renders) == 1
+        # Written by this process (a cancel): the next poll renders the new state.
+        assert api.post(f"/predictions/{prediction_id}/cancel").status_code == 200
+        renders.clear()
+        assert api.get(f"/predictions/{prediction_id}").json()["status"] == "canceled"
+        assert len(renders) == 1
