@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -108,6 +109,13 @@ class UpstreamClient:
                                        max_body_bytes=max_body_bytes)
         self._headers = {**headers, "Accept-Encoding": "gzip, deflate"}
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
+        # Checked and joined once: the same lines start every call's head. A token that cannot
+        # be sent leaves them unset, so each call is refused as it would be.
+        self._lines: str | None = None
+        self._json_lines: str | None = None
+        with contextlib.suppress(ValueError):
+            self._lines = wire.WirePool.header_lines(self._headers)
+            self._json_lines = wire.WirePool.header_lines(self._json_headers)
         self._secrets = [s for s in (token, self.base_url, httpx.URL(self.base_url).host) if s]
 
     async def aclose(self) -> None:
@@ -206,13 +214,15 @@ class UpstreamClient:
         pool = self._wire
         if pool is None:
             raise RuntimeError("an upstream client has either an httpx transport or its own connections")
-        if headers:
-            sent_headers = {**(self._json_headers if content is not None else self._headers), **headers}
-        else:
-            sent_headers = self._json_headers if content is not None else self._headers
+        fixed = self._json_headers if content is not None else self._headers
+        fixed_lines = self._json_lines if content is not None else self._lines
+        extra = headers or {}
+        if fixed_lines is None or any(name in fixed for name in extra):
+            extra, fixed_lines = {**fixed, **extra}, ""
         try:
             # Our paths are built of percent-encoded segments: sent exactly as they are.
-            head = pool.head(method, path, sent_headers, None if content is None else len(content))
+            head = pool.head(method, path, extra, None if content is None else len(content),
+                             fixed_lines=fixed_lines)
         except ValueError:
             log.warning("upstream.unsendable_header", extra={"upstream": self.name})
             raise UpstreamFailure(UpstreamInvalid("The request holds a header that cannot be sent upstream"),

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from app.errors import UpstreamStatus, UpstreamTimeout, UpstreamUnavailable
+from app.errors import UpstreamInvalid, UpstreamStatus, UpstreamTimeout, UpstreamUnavailable
 from app.upstream.client import UpstreamClient, UpstreamFailure
 from tests.helpers import free_port
 
@@ -70,6 +70,29 @@ async def test_a_refused_connection_was_never_sent(connect: Connect) -> None:
     assert isinstance(caught.value.error, UpstreamUnavailable)
     assert caught.value.maybe_sent is False
     assert await client.reachable() is False
+
+
+async def test_a_token_that_cannot_be_sent_refuses_each_call_before_connecting(
+    serve: Callable[[Handler], Awaitable[str]]
+) -> None:
+    arrived: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        arrived.append(await reader.read(100))
+        writer.close()
+
+    base = await serve(record)
+    client = UpstreamClient(name="relay", base_url=base + "/replicate", token="key\r\nX-Injected: 1",
+                            connect_timeout=1.0, request_timeout=1.0, create_timeout=0.3, max_body_bytes=10_000)
+    try:
+        for _ in range(2):
+            with pytest.raises(UpstreamFailure) as caught:
+                await client.get_prediction("abc")
+            assert isinstance(caught.value.error, UpstreamInvalid)
+            assert caught.value.maybe_sent is False
+    finally:
+        await client.aclose()
+    assert arrived == []
 
 
 async def test_a_connection_closed_after_the_request_arrived_may_have_been_sent(

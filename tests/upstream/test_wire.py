@@ -277,6 +277,12 @@ def test_a_header_or_path_with_a_line_break_is_never_sent() -> None:
         pool.head("GET", "v1/predictions/a b", {}, None)
     assert pool.head("GET", "v1/x", {"Prefer": "wait=5"}, None) == (
         b"GET /replicate/v1/x HTTP/1.1\r\nHost: 127.0.0.1:9\r\nPrefer: wait=5\r\n\r\n")
+    with pytest.raises(ValueError, match="line break"):
+        WirePool.header_lines({"Authorization": "Bearer a\nb"})
+    fixed = WirePool.header_lines({"Accept": "application/json", "User-Agent": "gw"})
+    assert pool.head("GET", "v1/x", {"Prefer": "wait=5"}, 3, fixed_lines=fixed) == (
+        b"GET /replicate/v1/x HTTP/1.1\r\nHost: 127.0.0.1:9\r\nAccept: application/json\r\nUser-Agent: gw\r\n"
+        b"Prefer: wait=5\r\nContent-Length: 3\r\n\r\n")
     https = WirePool("https://relay.example/api/replicate/", max_body_bytes=100)
     assert https.head("GET", "v1/x", {}, None).startswith(b"GET /api/replicate/v1/x HTTP/1.1\r\nHost: relay.example\r\n")
 
