@@ -57,6 +57,8 @@ class Metrics:
             self.redis_errors.labels(operation)
         # Bounded by the routes' templates (never raw paths), methods and statuses.
         self._request_counters: dict[tuple[str, str, int], Counter] = {}
+        # Bounded by the configured upstreams and the client's few operations.
+        self._latency_children: dict[tuple[str, str], Histogram] = {}
 
     def count_request(self, method: str, route: str, status: int) -> None:
         """Count one answered request by its route template."""
@@ -69,7 +71,11 @@ class Metrics:
 
     def observe_upstream(self, upstream: str, operation: str, seconds: float, error: str | None) -> None:
         """Record one upstream call."""
-        self.upstream_latency.labels(upstream, operation).observe(seconds)
+        key = (upstream, operation)
+        child = self._latency_children.get(key)
+        if child is None:
+            child = self._latency_children[key] = self.upstream_latency.labels(upstream, operation)
+        child.observe(seconds)
         if error is not None:
             self.upstream_errors.labels(upstream, operation, error).inc()
 
