@@ -643,8 +643,13 @@ async def _begin_immediate(connection: Connection) -> None:
 def _configure_sync_sqlite_writer(engine: Engine) -> None:
     # busy_timeout=0: SQLite's busy handler would sleep on the loop's thread (_begin_immediate).
     # The log is checkpointed on another thread (WalCheckpointer); the writer does so itself only
-    # if that thread falls far behind.
-    _on_connect_pragmas(engine, "busy_timeout=0", "foreign_keys=ON", "synchronous=NORMAL", "wal_autocheckpoint=4000")
+    # if that thread falls far behind. temp_store=MEMORY: each work of a group commit runs in a
+    # savepoint, whose journal of the pages it changes SQLite otherwise keeps in a temporary
+    # file; by hand, a create's admission took 60 µs in a savepoint backed by a file against
+    # 40 µs in memory (32 µs with no savepoint). The writer's savepoints and statements touch a
+    # few pages each, so their journals stay small.
+    _on_connect_pragmas(engine, "busy_timeout=0", "foreign_keys=ON", "synchronous=NORMAL", "wal_autocheckpoint=4000",
+                        "temp_store=MEMORY")
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:

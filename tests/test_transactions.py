@@ -208,6 +208,18 @@ def test_on_sqlite_the_log_is_checkpointed_on_another_thread_never_by_the_writer
     assert after["in_flight"] == 3 * 32 + 1
 
 
+def test_on_sqlite_the_writers_savepoint_journals_stay_in_memory(db_url: str) -> None:
+    if not db_url.startswith("sqlite"):
+        pytest.skip("SQLite only: its temporary files")
+
+    async def scenario(transactions: Transactions) -> Any:
+        return await transactions.run(lambda connection: connection.exec_driver_sql("PRAGMA temp_store").scalar())
+
+    # 2 is MEMORY: every work of a group commit runs in a savepoint, and with the default a
+    # savepoint's journal of changed pages can spill into a new temporary file.
+    assert _run(db_url, scenario) == 2
+
+
 def test_checkpoints_come_further_apart_when_commits_are_small() -> None:
     # 32 commits wrote 320 pages: the next checkpoint comes after 100, at about a thousand pages.
     assert commits_per_checkpoint(320, 32, 1000) == 100
