@@ -646,8 +646,8 @@ def _configure_sync_sqlite_writer(engine: Engine) -> None:
     # if that thread falls far behind. temp_store=MEMORY: each work of a group commit runs in a
     # savepoint, whose journal of the pages it changes SQLite otherwise keeps in a temporary
     # file; by hand, a create's admission took 60 µs in a savepoint backed by a file against
-    # 40 µs in memory (32 µs with no savepoint). The writer's savepoints and statements touch a
-    # few pages each, so their journals stay small.
+    # 40 µs in memory (32 µs with no savepoint). The writer's works are short, so these journals
+    # stay small.
     _on_connect_pragmas(engine, "busy_timeout=0", "foreign_keys=ON", "synchronous=NORMAL", "wal_autocheckpoint=4000",
                         "temp_store=MEMORY")
 

@@ -229,10 +229,8 @@ class WirePool:
         `fixed_lines` (from `header_lines`), then `headers`."""
         if any(char in path for char in " \r\n\0"):
             raise ValueError("a request path holds a space, a line break or a NUL")
-        lines = [f"{method} {self._path_prefix}{path} HTTP/1.1\r\nHost: {self._host_header}\r\n", fixed_lines]
-        for name, value in headers.items():
-            _check_header(name, value)
-            lines.append(f"{name}: {value}\r\n")
+        lines = [f"{method} {self._path_prefix}{path} HTTP/1.1\r\nHost: {self._host_header}\r\n", fixed_lines,
+                 self.header_lines(headers)]
         if content_length is not None:
             lines.append(f"Content-Length: {content_length}\r\n")
         lines.append("\r\n")
