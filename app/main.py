@@ -26,6 +26,7 @@ from app.db import (
 )
 from app.errors import install_error_handlers
 from app.files.router import router as files_router
+from app.foreground import Foreground
 from app.jobs.reconciler import Reconciler
 from app.logging import configure_logging
 from app.middleware import BodySizeLimit
@@ -99,6 +100,8 @@ def create_app(
     settings = settings or Settings()
     configure_logging(settings.log_level, _secret_values(settings), RequestIdFilter())
     metrics = Metrics()
+    # Counted by the outermost middleware; the reconciler steps aside for what it counts.
+    foreground = Foreground()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -142,6 +145,7 @@ def create_app(
             reconciler = Reconciler(
                 sessions=sessions, transactions=transactions, read_sessions=read_sessions, registry=registry,
                 service=app.state.gateway.predictions, settings=settings, archiver=archiver,
+                foreground=foreground,
             )
             stop = asyncio.Event()
             reconciling = asyncio.create_task(reconciler.run_until(stop), name="reconciler")
@@ -199,5 +203,6 @@ def create_app(
         BodySizeLimit(FastLane(app.framework), max_bytes=settings.max_body_bytes,
                       upload_max_bytes=settings.max_file_bytes + settings.max_body_bytes),
         metrics=metrics,
+        foreground=foreground,
     )
     return app

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.columns import utcnow
 from app.deps import StateDep
+from app.foreground import Foreground
 from app.predictions.models import Prediction
 from app.state import GatewayState
 from app.webhooks.models import DeliveryStatus, WebhookDelivery
@@ -85,11 +86,13 @@ class Metrics:
 
 
 class RequestContext:
-    """Accept or mint an X-Request-Id, echo it, count the request by its route template."""
+    """Accept or mint an X-Request-Id, echo it, count the request by its route template, and
+    keep `foreground` told of the requests in progress."""
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, foreground: Foreground | None = None) -> None:
         self.app = app
         self.metrics = metrics
+        self.foreground = foreground if foreground is not None else Foreground()
         # Unique without a random draw per request: a random per-process half and a counter.
         self._process_part = secrets.token_hex(8)
         self._counter = itertools.count()
@@ -113,9 +116,11 @@ class RequestContext:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
+        self.foreground.started()
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            self.foreground.finished()
             REQUEST_ID.reset(token)
             self.metrics.count_request(scope["method"], _route_template(scope), status)
 

@@ -16,6 +16,7 @@ from app.columns import utcnow
 from app.config import Settings
 from app.db import Transactions, database_now, session_now
 from app.errors import Throttled
+from app.foreground import Foreground
 from app.outputs.archiver import OutputArchiver
 from app.predictions.models import TERMINAL_STATUSES, Prediction, Submission
 from app.predictions.service import IN_DOUBT_MARGIN_SECONDS, PredictionService
@@ -81,6 +82,7 @@ class Reconciler:
         service: PredictionService,
         settings: Settings,
         archiver: OutputArchiver | None = None,
+        foreground: Foreground | None = None,
     ) -> None:
         self._sessions = sessions
         # Claims, releases and reschedules are short writes of the kind requests make, so they
@@ -93,6 +95,9 @@ class Reconciler:
         self._service = service
         self._settings = settings
         self._archiver = archiver
+        # Each step (a claim, a poll sent, an answer recorded) first gives way to the requests
+        # in progress: a request arriving during a burst of them would wait for all of it.
+        self._foreground = foreground if foreground is not None else Foreground()
         # Polls run CONCURRENCY at a time, but their results are recorded RECORDING at a time:
         # a request's write transaction then waits behind a few settlements, not a whole batch.
         self._recording = asyncio.Semaphore(RECORDING)
@@ -118,12 +123,14 @@ class Reconciler:
     async def run_once(self) -> int:
         """One pass: poll what is due, resolve creates in doubt, expire old idempotency keys."""
         self._backlog = False
+        await self._foreground.give_way()
         claims = await self._claim()
         self._backlog = len(claims) == BATCH_SIZE
         gate = asyncio.Semaphore(CONCURRENCY)
 
         async def poll(claim: Claim) -> None:
             async with gate:
+                await self._foreground.give_way()
                 await self._poll_once(claim)
 
         try:
@@ -175,6 +182,7 @@ class Reconciler:
                 data = await upstream.client.cancel_prediction(claim.upstream_id)
             else:
                 data = await upstream.client.get_prediction(claim.upstream_id)
+            await self._foreground.give_way()
             reply = parse_prediction(data)
             if reply.id != claim.upstream_id:
                 raise InvalidUpstreamPrediction("mismatched id")
@@ -233,6 +241,7 @@ class Reconciler:
             )).all())
         resolved = 0
         for prediction_id in ids:
+            await self._foreground.give_way()
             if await self._service.force_finish(
                 prediction_id, status="failed", reason=IN_DOUBT_REASON, only_unlinked=True
             ):

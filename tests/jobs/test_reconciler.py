@@ -38,6 +38,44 @@ def test_predictions_nobody_polls_are_settled(quick_gateway: Gateway, relay: Fak
     check_ledger(quick_gateway.db_url, settled=True)
 
 
+def test_a_request_that_stays_in_progress_slows_the_reconciler_but_never_stops_it(
+    quick_gateway: Gateway, relay: FakeRelay
+) -> None:
+    foreground = quick_gateway.server.server.config.app.front.foreground
+    secret = create_token(quick_gateway.db_url, "held")
+    with quick_gateway.client(secret) as api:
+        ids = [create(api, "budget/model", i=i).json()["id"] for i in range(6)]
+    relay.fail_next("hang", method="POST", seconds=6)
+
+    def hold() -> None:
+        with quick_gateway.client(secret) as held_api:
+            held_api.post("/models/budget/model/predictions", json={"input": {"prompt": "held"}})
+
+    held = threading.Thread(target=hold)
+    held.start()
+    try:
+        deadline = time.monotonic() + 5
+        while foreground.in_progress == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # No lull comes while the create hangs: the abandoned predictions settle all the same.
+        while time.monotonic() < deadline:
+            statuses = {p["id"]: p["status"] for p in rows(quick_gateway.db_url, "prediction")}
+            if all(statuses[i] in TERMINAL for i in ids):
+                break
+            time.sleep(0.1)
+        assert {statuses[i] for i in ids} == {"succeeded"}
+        assert foreground.in_progress == 1, "settled while the held create was still in progress"
+    finally:
+        held.join(15)
+    with quick_gateway.client(secret) as api:
+        assert api.get("/predictions/nope").status_code == 404
+    with quick_gateway.client("not-a-token") as api:
+        assert api.get("/predictions/nope").status_code == 401
+    assert foreground.in_progress == 0, "every request, answered or refused, is counted out"
+    wait_until_all_final(quick_gateway.db_url, 20)
+    check_ledger(quick_gateway.db_url, settled=True)
+
+
 def test_a_backlog_larger_than_a_batch_is_drained_in_one_interval(gateway_factory: Any, relay: FakeRelay) -> None:
     # 130 predictions fall due together; at one batch of 50 per 8 s interval the last would wait
     # 16 s more. A full batch means more is due, so the reconciler goes straight on.
