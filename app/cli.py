@@ -346,7 +346,7 @@ def _serve(settings: Settings, host: str, port: int, *, demo: bool) -> int:
     import uvicorn
 
     from app.main import create_app
-    from app.serving import CoalescingHttpToolsProtocol
+    from app.serving import GatewayHttpProtocol
 
     migrate(settings.database_url)
     transport = None
@@ -376,7 +376,7 @@ def _serve(settings: Settings, host: str, port: int, *, demo: bool) -> int:
     access_log = logging.getLogger("uvicorn.access").isEnabledFor(logging.INFO)
     uvicorn.run(app, host=host, port=port, log_config=None, proxy_headers=False,
                 access_log=access_log, server_header=False,
-                loop="uvloop" if sys.platform != "win32" else "asyncio", http=CoalescingHttpToolsProtocol)
+                loop="uvloop" if sys.platform != "win32" else "asyncio", http=GatewayHttpProtocol)
     return 0
 
 

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from app import __version__
 from app.accounting import limits
@@ -30,11 +30,11 @@ from app.foreground import Foreground
 from app.jobs.reconciler import Reconciler
 from app.logging import configure_logging
 from app.middleware import BodySizeLimit
-from app.observability import Metrics, RequestContext, RequestIdFilter
+from app.observability import Metrics, RequestContext, RequestIdFilter, RequestIds
 from app.observability import router as observability_router
 from app.outputs.archiver import OutputArchiver
 from app.outputs.router import router as outputs_router
-from app.predictions.fastlane import FastLane
+from app.predictions.fastlane import FastLane, FastRoute, Respond
 from app.predictions.router import router as predictions_router
 from app.predictions.router import streams_router
 from app.predictions.service import PredictionService
@@ -54,22 +54,34 @@ log = logging.getLogger(__name__)
 
 
 class GatewayApp(FastAPI):
-    """FastAPI behind the gateway's own front layers: request ids and counting, the body limit and
-    the fast lane run before the framework's middleware stack, which only what the fast lane
-    passes on goes through."""
+    """FastAPI behind the gateway's own front layers: the fast lane, then request ids and counting
+    and the body limit, run before the framework's middleware stack, which only what the fast
+    lane passes on goes through."""
 
-    front: ASGIApp | None = None
+    fast_lane: FastLane | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.front is not None:
+        if scope["type"] == "http" and self.fast_lane is not None:
             scope["app"] = self  # as the framework would, for routes that reach the app's state
-            await self.front(scope, receive, send)
+            await self.fast_lane(scope, receive, send)
         else:
             await super().__call__(scope, receive, send)
 
     async def framework(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The framework's own handling: its middleware stack, routing and dependencies."""
         await super().__call__(scope, receive, send)
+
+    def fast_route(self, scope: Scope) -> FastRoute | None:
+        """The fast lane's route for this HTTP request, if it serves it (app/serving.py)."""
+        return None if self.fast_lane is None else self.fast_lane.route(scope)
+
+    async def fast_answer(self, scope: Scope, receive: Receive, route: FastRoute, respond: Respond) -> None:
+        """Answer a request `fast_route` matched through `respond`, for a server that sends the
+        whole answer itself instead of taking it as ASGI messages."""
+        if self.fast_lane is None:
+            raise RuntimeError("this app has no fast lane")
+        scope["app"] = self
+        await self.fast_lane.answer(scope, receive, route, respond)
 
 
 class SchemaOutOfDate(RuntimeError):
@@ -196,13 +208,16 @@ def create_app(
         app.include_router(outputs_router, prefix=prefix)
     app.include_router(admin_router, prefix="/admin/v1")
     app.include_router(dashboard_router)
-    # Outermost, so every answer (a 413 too) carries the request id and is counted; the hot
-    # routes are then served without the framework's stack, within the same body limit.
-    # An upload's form fields get the ordinary body allowance on top of the file limit.
-    app.front = RequestContext(
-        BodySizeLimit(FastLane(app.framework), max_bytes=settings.max_body_bytes,
-                      upload_max_bytes=settings.max_file_bytes + settings.max_body_bytes),
-        metrics=metrics,
-        foreground=foreground,
+    # The hot routes first, each with its request id, count and body limit; then, for the rest,
+    # the same three outermost, so every answer (a 413 too) carries the request id and is
+    # counted. An upload's form fields get the ordinary body allowance on top of the file limit.
+    request_ids = RequestIds()
+    app.fast_lane = FastLane(
+        RequestContext(
+            BodySizeLimit(app.framework, max_bytes=settings.max_body_bytes,
+                          upload_max_bytes=settings.max_file_bytes + settings.max_body_bytes),
+            metrics=metrics, foreground=foreground, request_ids=request_ids,
+        ),
+        metrics=metrics, foreground=foreground, request_ids=request_ids, max_body_bytes=settings.max_body_bytes,
     )
     return app

@@ -7,6 +7,7 @@ import itertools
 import logging
 import re
 import secrets
+from collections.abc import Iterable
 
 import orjson
 from fastapi import APIRouter, Request
@@ -85,27 +86,37 @@ class Metrics:
         self.redis_errors.labels(operation).inc()
 
 
-class RequestContext:
-    """Accept or mint an X-Request-Id, echo it, count the request by its route template, and
-    keep `foreground` told of the requests in progress."""
+class RequestIds:
+    """Each request's id: the caller's X-Request-Id when it is 1 to 128 safe characters, else
+    a new one."""
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, foreground: Foreground | None = None) -> None:
-        self.app = app
-        self.metrics = metrics
-        self.foreground = foreground if foreground is not None else Foreground()
+    def __init__(self) -> None:
         # Unique without a random draw per request: a random per-process half and a counter.
         self._process_part = secrets.token_hex(8)
         self._counter = itertools.count()
 
-    def _mint(self) -> str:
-        return f"{self._process_part}{next(self._counter):016x}"
+    def for_request(self, headers: Iterable[tuple[bytes, bytes]]) -> str:
+        """The id for a request with these (lower-cased) headers."""
+        given = next((value for name, value in headers if name == b"x-request-id"), b"").decode("latin-1")
+        return given if _CLIENT_REQUEST_ID.match(given) else f"{self._process_part}{next(self._counter):016x}"
+
+
+class RequestContext:
+    """Accept or mint an X-Request-Id, echo it, count the request by its route template, and
+    keep `foreground` told of the requests in progress."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, foreground: Foreground | None = None,
+                 request_ids: RequestIds | None = None) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.foreground = foreground if foreground is not None else Foreground()
+        self.request_ids = request_ids if request_ids is not None else RequestIds()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = next((value for name, value in scope["headers"] if name == b"x-request-id"), b"").decode("latin-1")
-        request_id = given if _CLIENT_REQUEST_ID.match(given) else self._mint()
+        request_id = self.request_ids.for_request(scope["headers"])
         token = REQUEST_ID.set(request_id)
         status = 500
 

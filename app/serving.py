@@ -1,12 +1,22 @@
-"""uvicorn's HTTP protocol with each response's writes sent in one piece."""
+"""uvicorn's HTTP protocol with each response sent in one piece, the hot routes' without ASGI."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
-from typing import Any
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol, cast
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from starlette.types import Receive, Scope
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
+
+from app.errors import GatewayError, problem_response
+
+log = logging.getLogger(__name__)
 
 
 class CoalescingTransport:
@@ -54,3 +64,71 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+
+
+class DirectApp(Protocol):
+    """An app some of whose requests the server may answer without ASGI's messages."""
+
+    def fast_route(self, scope: Scope) -> Any:
+        """A route for this request, or None: then it goes through ASGI."""
+
+    async def fast_answer(self, scope: Scope, receive: Receive, route: Any,
+                          respond: Callable[[int, list[tuple[bytes, bytes]], bytes], Awaitable[None]]) -> None:
+        """Answer a request `fast_route` matched: its status, headers and body, through `respond`."""
+
+
+class GatewayHttpProtocol(CoalescingHttpToolsProtocol):
+    """uvicorn's httptools protocol, with the gateway's fast-lane requests answered directly.
+
+    For a request its fast lane serves, the app hands over the status, headers and body whole,
+    and they are written here as one piece: no ASGI run wrapper, no start and body messages, no
+    header checks for headers the gateway made itself. Everything else about the connection
+    (keep-alive, pipelining, flow control, `Expect: 100-continue`, shutdown) stays uvicorn's, and
+    every other request, and every request when uvicorn's access log is on, goes through ASGI."""
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        route = None
+        if not cycle.access_log and not getattr(self.config, "reset_contextvars", False):
+            fast_route = getattr(app, "fast_route", None)
+            route = fast_route(cycle.scope) if fast_route is not None else None
+        if route is None:
+            super()._start_asgi_task(cycle, app)
+            return
+        task = self.loop.create_task(_answer_directly(cycle, app, route))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+
+async def _answer_directly(cycle: RequestResponseCycle, app: DirectApp, route: Any) -> None:
+    """What uvicorn's cycle does with an app's start and body messages, for a whole answer."""
+
+    async def respond(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        if cycle.flow.write_paused and not cycle.disconnected:
+            await cycle.flow.drain()
+        if cycle.disconnected or cycle.response_started:
+            return
+        cycle.response_started = True
+        cycle.waiting_for_100_continue = False
+        head = [STATUS_LINE[status]]
+        for name, value in (*cycle.default_headers, *headers):
+            head += (name, b": ", value, b"\r\n")
+        if not cycle.keep_alive:
+            head.append(b"connection: close\r\n")
+        head += (b"\r\n", body)
+        cycle.transport.write(b"".join(head))
+        cycle.response_complete = True
+        cycle.message_event.set()
+        if not cycle.keep_alive:
+            cycle.transport.close()
+        cycle.on_response()
+
+    try:
+        await app.fast_answer(cast(Scope, cycle.scope), cast(Receive, cycle.receive), route, respond)
+    except Exception as exc:
+        # The fast lane renders every error itself: this is a bug in it (or in sending).
+        log.error("request.failed", exc_info=exc)
+        if cycle.response_started:
+            cycle.transport.close()
+        else:
+            problem = problem_response(GatewayError("An unexpected error occurred"))
+            await respond(problem.status_code, problem.raw_headers, bytes(problem.body))

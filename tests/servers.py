@@ -8,16 +8,17 @@ from typing import Any
 
 import uvicorn
 
-from app.serving import CoalescingHttpToolsProtocol
+from app.serving import GatewayHttpProtocol
 
 
 class ServerThread:
-    """A uvicorn server on a free loopback port, started and stopped from synchronous tests."""
+    """A uvicorn server on a free loopback port, started and stopped from synchronous tests, set up
+    as `replicate-gateway serve` sets it up (no proxy headers, the gateway's HTTP protocol)."""
 
     def __init__(self, app: Any, *, lifespan: str = "on") -> None:
         config = uvicorn.Config(
             app, host="127.0.0.1", port=0, log_config=None, lifespan=lifespan, loop="asyncio",
-            access_log=False, timeout_graceful_shutdown=2, http=CoalescingHttpToolsProtocol,
+            access_log=False, timeout_graceful_shutdown=2, http=GatewayHttpProtocol, proxy_headers=False,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -112,3 +112,103 @@ def test_writelines_and_end_of_file_keep_the_order_of_what_was_written() -> None
         return real.writes
 
     assert asyncio.run(scenario()) == [b"head body more", b"<eof>"]
+
+
+class _LaneApp:
+    """An app whose fast lane serves /fast/...: records what went through ASGI and what not."""
+
+    def __init__(self) -> None:
+        self.through_asgi: list[str] = []
+        self.answered_directly: list[str] = []
+
+    def fast_route(self, scope: dict[str, Any]) -> str | None:
+        path: str = scope["path"]
+        return path if path.startswith("/fast/") else None
+
+    async def fast_answer(self, scope: dict[str, Any], receive: Any, route: str, respond: Any) -> None:
+        self.answered_directly.append(route)
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        if route == "/fast/bug":
+            raise RuntimeError("a bug in the fast lane")
+        answer = route.encode() + b":" + body
+        await respond(201, [(b"content-type", b"text/plain"), (b"content-length", str(len(answer)).encode())],
+                      answer)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            self.through_asgi.append(scope["path"])
+        await _hello(scope, receive, send)
+
+
+def _read_answers(raw: socket.socket, count: int) -> list[tuple[bytes, bytes]]:
+    """`count` answers with Content-Length bodies from a raw connection: (head, body) each."""
+    buffer, answers = b"", []
+    while len(answers) < count:
+        while b"\r\n\r\n" not in buffer:
+            chunk = raw.recv(65536)
+            assert chunk, f"connection closed after {len(answers)} answers"
+            buffer += chunk
+        head, buffer = buffer.split(b"\r\n\r\n", 1)
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        while len(buffer) < length:
+            buffer += raw.recv(65536)
+        answers.append((head, buffer[:length]))
+        buffer = buffer[length:]
+    return answers
+
+
+def test_fast_lane_requests_are_answered_without_asgi_and_the_rest_through_it() -> None:
+    app = _LaneApp()
+    server = ServerThread(app, lifespan="off").start()
+    try:
+        with httpx.Client(base_url=server.url) as client:
+            answers = [client.get(f"/fast/{n}") for n in range(5)]
+            posted = client.post("/fast/post", content=b"x" * 100_000)
+            other = client.get("/other")
+            failed = client.get("/fast/bug")
+    finally:
+        server.stop()
+    assert [(a.status_code, a.text) for a in answers] == [(201, f"/fast/{n}:") for n in range(5)]
+    assert all("date" in a.headers and "x-request-id" not in a.headers for a in answers)
+    assert (posted.status_code, posted.content) == (201, b"/fast/post:" + b"x" * 100_000)
+    assert other.text == "/other"
+    assert failed.status_code == 500
+    assert failed.headers["content-type"] == "application/problem+json"
+    assert failed.json() == {"title": "Internal Server Error", "detail": "An unexpected error occurred",
+                             "status": 500}
+    assert app.through_asgi == ["/other"]
+    assert app.answered_directly == [*(f"/fast/{n}" for n in range(5)), "/fast/post", "/fast/bug"]
+
+
+def test_direct_answers_keep_pipelined_order_continue_and_close_like_uvicorn() -> None:
+    app = _LaneApp()
+    server = ServerThread(app, lifespan="off").start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+            # Pipelined, mixed with a request that goes through ASGI: answered in order.
+            raw.sendall(b"GET /fast/a HTTP/1.1\r\nHost: x\r\n\r\n"
+                        b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
+                        b"POST /fast/b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+            assert [body for _, body in _read_answers(raw, 3)] == [b"/fast/a:", b"/slow", b"/fast/b:abc"]
+            # Expect: 100-continue: the interim answer once the body is asked for, then the answer.
+            raw.sendall(b"POST /fast/c HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+            assert raw.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            raw.sendall(b"data")
+            (head, body), = _read_answers(raw, 1)
+            assert head.startswith(b"HTTP/1.1 201 Created\r\n") and body == b"/fast/c:data"
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+            raw.sendall(b"GET /fast/old HTTP/1.0\r\n\r\n")
+            received = b""
+            while chunk := raw.recv(65536):  # the server closes the connection after answering
+                received += chunk
+        assert b"\r\nconnection: close\r\n" in received
+        assert received.endswith(b"\r\n\r\n/fast/old:")
+    finally:
+        server.stop()
+    assert app.through_asgi == ["/slow"]

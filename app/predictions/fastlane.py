@@ -1,4 +1,4 @@
-"""The hottest prediction routes served straight from ASGI, without the framework's routing and dependency solving."""
+"""The hottest prediction routes served in front of the framework, without its routing and dependency solving."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.deps import get_state, public_base, require_caller
 from app.errors import error_response
+from app.foreground import Foreground
+from app.middleware import announced_too_large, body_too_large, limited
+from app.observability import REQUEST_ID, Metrics, RequestIds
 from app.predictions import router as routes
 
 # Clients poll a prediction every fraction of a second and create in bursts: these three calls are
@@ -62,23 +65,70 @@ _ROUTES: dict[str, tuple[tuple[re.Pattern[str], Handler, RouteLabel], ...]] = {
 }
 
 
-class FastLane:
-    """Serve GET of a prediction and the two create routes directly; pass everything else on."""
+# Sends a whole answer: status, headers (the request id among them) and body.
+Respond = Callable[[int, list[tuple[bytes, bytes]], bytes], Awaitable[None]]
+FastRoute = tuple[Handler, re.Match[str], RouteLabel]
 
-    def __init__(self, app: ASGIApp) -> None:
+
+class FastLane:
+    """Serve GET of a prediction and the two create routes directly, with what the front layers
+    do for every request (request id, counting, the body limit); pass everything else on.
+
+    `route` and `answer` also let the HTTP server (app/serving.py) send these answers itself,
+    without ASGI's messages, as the same bytes."""
+
+    def __init__(
+        self, app: ASGIApp, *, metrics: Metrics, foreground: Foreground, request_ids: RequestIds,
+        max_body_bytes: int,
+    ) -> None:
         self.app = app
+        self._metrics = metrics
+        self.foreground = foreground
+        self._request_ids = request_ids
+        self._max_body_bytes = max_body_bytes
+
+    @staticmethod
+    def route(scope: Scope) -> FastRoute | None:
+        """The route that serves this request here, if any."""
+        for pattern, handler, label in _ROUTES.get(scope["method"], ()):
+            match = pattern.match(scope["path"])
+            if match is not None:
+                return handler, match, label
+        return None
+
+    async def answer(self, scope: Scope, receive: Receive, route: FastRoute, respond: Respond) -> None:
+        """Run the route (errors rendered as problems) as the request `scope`, read by `receive`,
+        and hand its answer to `respond`, which sends it."""
+        handler, match, label = route
+        scope["route"] = label
+        request_id = self._request_ids.for_request(scope["headers"])
+        context = REQUEST_ID.set(request_id)
+        status = 500
+        self.foreground.started()
+        try:
+            request = Request(scope, limited(receive, self._max_body_bytes))
+            try:
+                if announced_too_large(scope["headers"], self._max_body_bytes):
+                    raise body_too_large(self._max_body_bytes)
+                response = await handler(request, match)
+            except Exception as exc:
+                response = await error_response(request, exc)
+            status = response.status_code
+            await respond(status, [*response.raw_headers, (b"x-request-id", request_id.encode())],
+                          bytes(response.body))
+        finally:
+            self.foreground.finished()
+            REQUEST_ID.reset(context)
+            self._metrics.count_request(scope["method"], label.path_format, status)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            for pattern, handler, label in _ROUTES.get(scope["method"], ()):
-                match = pattern.match(scope["path"])
-                if match is not None:
-                    scope["route"] = label
-                    request = Request(scope, receive)
-                    try:
-                        response = await handler(request, match)
-                    except Exception as exc:
-                        response = await error_response(request, exc)
-                    await response(scope, receive, send)
-                    return
+            route = self.route(scope)
+            if route is not None:
+                async def respond(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+                    await send({"type": "http.response.start", "status": status, "headers": headers})
+                    await send({"type": "http.response.body", "body": body})
+
+                await self.answer(scope, receive, route, respond)
+                return
         await self.app(scope, receive, send)

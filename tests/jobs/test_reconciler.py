@@ -41,7 +41,7 @@ def test_predictions_nobody_polls_are_settled(quick_gateway: Gateway, relay: Fak
 def test_a_request_that_stays_in_progress_slows_the_reconciler_but_never_stops_it(
     quick_gateway: Gateway, relay: FakeRelay
 ) -> None:
-    foreground = quick_gateway.server.server.config.app.front.foreground
+    foreground = quick_gateway.server.server.config.app.fast_lane.foreground
     secret = create_token(quick_gateway.db_url, "held")
     with quick_gateway.client(secret) as api:
         ids = [create(api, "budget/model", i=i).json()["id"] for i in range(6)]

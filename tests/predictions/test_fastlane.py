@@ -8,6 +8,8 @@ from typing import Any
 import httpx
 import pytest
 
+from app.foreground import Foreground
+from app.observability import Metrics, RequestIds
 from app.predictions.fastlane import FastLane
 from tests.conftest import Gateway
 from tests.helpers import assert_problem, create, wait_terminal
@@ -48,7 +50,8 @@ def _drive(method: str, path: str) -> tuple[list[str], list[dict[str, Any]]]:
     # An app with no gateway state: a served request fails inside the route, as a bug would.
     scope = {"type": "http", "method": method, "path": path, "headers": [], "query_string": b"",
              "scheme": "http", "server": ("127.0.0.1", 80), "app": object()}
-    asyncio.run(FastLane(recorder)(scope, receive, send))
+    lane = FastLane(recorder, metrics=Metrics(), foreground=Foreground(), request_ids=RequestIds(), max_body_bytes=1024)
+    asyncio.run(lane(scope, receive, send))
     return passed, sent
 
 
