@@ -202,13 +202,15 @@ def test_direct_answers_keep_pipelined_order_continue_and_close_like_uvicorn() -
             raw.sendall(b"data")
             (head, body), = _read_answers(raw, 1)
             assert head.startswith(b"HTTP/1.1 201 Created\r\n") and body == b"/fast/c:data"
-        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
-            raw.sendall(b"GET /fast/old HTTP/1.0\r\n\r\n")
-            received = b""
-            while chunk := raw.recv(65536):  # the server closes the connection after answering
-                received += chunk
-        assert b"\r\nconnection: close\r\n" in received
-        assert received.endswith(b"\r\n\r\n/fast/old:")
+        for request in (b"GET /fast/old HTTP/1.0\r\n\r\n",
+                        b"GET /fast/old HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+                raw.sendall(request)
+                received = b""
+                while chunk := raw.recv(65536):  # the server closes the connection after answering
+                    received += chunk
+            assert b"\r\nconnection: close\r\n" in received
+            assert received.endswith(b"\r\n\r\n/fast/old:")
     finally:
         server.stop()
     assert app.through_asgi == ["/slow"]
