@@ -200,8 +200,9 @@ def test_direct_answers_keep_pipelined_order_continue_and_close_like_uvicorn() -
             raw.sendall(b"POST /fast/c HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
             assert raw.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
             raw.sendall(b"data")
-            (head, body), = _read_answers(raw, 1)
-            assert head.startswith(b"HTTP/1.1 201 Created\r\n") and body == b"/fast/c:data"
+            ((head, body),) = _read_answers(raw, 1)
+            assert head.startswith(b"HTTP/1.1 201 Created\r\n")
+            assert body == b"/fast/c:data"
         for request in (b"GET /fast/old HTTP/1.0\r\n\r\n",
                         b"GET /fast/old HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"):
             with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
