@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import uvicorn
@@ -44,3 +45,13 @@ class ServerThread:
         """Stop serving and wait for the thread to end."""
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+async def read_body(receive: Callable[[], Awaitable[Any]]) -> bytes:
+    """An ASGI request's whole body, read message by message."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 
 from app.serving import CoalescingTransport
-from tests.servers import ServerThread
+from tests.servers import ServerThread, read_body
 
 
 class RecordingTransport:
@@ -127,12 +127,7 @@ class _LaneApp:
 
     async def fast_answer(self, scope: dict[str, Any], receive: Any, route: str, respond: Any) -> None:
         self.answered_directly.append(route)
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         if route == "/fast/bug":
             raise RuntimeError("a bug in the fast lane")
         answer = route.encode() + b":" + body

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Self
 
-from tests.servers import ServerThread
+from tests.servers import ServerThread, read_body
 
 Message = dict[str, Any]
 
@@ -102,12 +102,7 @@ class Receiver:
                   send: Callable[[Message], Awaitable[None]]) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         received = Received(scope["method"], scope["path"], scope["query_string"].decode("latin-1"),
                             headers, body)
