@@ -34,11 +34,12 @@ from app.observability import Metrics, RequestContext, RequestIdFilter, RequestI
 from app.observability import router as observability_router
 from app.outputs.archiver import OutputArchiver
 from app.outputs.router import router as outputs_router
-from app.predictions.fastlane import FastLane, FastRoute, Respond
+from app.predictions.fastlane import FastLane, FastRoute
 from app.predictions.router import router as predictions_router
 from app.predictions.router import streams_router
 from app.predictions.service import PredictionService
 from app.schema import Base as _all_tables  # noqa: F401  (every table known to the ORM)
+from app.serving import Respond
 from app.state import GatewayState
 from app.storage import LocalStorage
 from app.tokens.cache import TokenCache

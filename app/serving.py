@@ -18,6 +18,9 @@ from app.errors import GatewayError, problem_response
 
 log = logging.getLogger(__name__)
 
+# Sends a whole answer: status, headers and body.
+Respond = Callable[[int, list[tuple[bytes, bytes]], bytes], Awaitable[None]]
+
 
 class CoalescingTransport:
     """A transport whose writes made in one turn of the event loop leave as one write.
@@ -72,8 +75,7 @@ class DirectApp(Protocol):
     def fast_route(self, scope: Scope) -> Any:
         """A route for this request, or None: then it goes through ASGI."""
 
-    async def fast_answer(self, scope: Scope, receive: Receive, route: Any,
-                          respond: Callable[[int, list[tuple[bytes, bytes]], bytes], Awaitable[None]]) -> None:
+    async def fast_answer(self, scope: Scope, receive: Receive, route: Any, respond: Respond) -> None:
         """Answer a request `fast_route` matched: its status, headers and body, through `respond`."""
 
 

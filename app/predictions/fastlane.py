@@ -16,6 +16,7 @@ from app.foreground import Foreground
 from app.middleware import announced_too_large, body_too_large, limited
 from app.observability import REQUEST_ID, Metrics, RequestIds
 from app.predictions import router as routes
+from app.serving import Respond
 
 # Clients poll a prediction every fraction of a second and create in bursts: these three calls are
 # nearly all of a gateway's traffic. They run the very route functions the framework would, with
@@ -65,8 +66,6 @@ _ROUTES: dict[str, tuple[tuple[re.Pattern[str], Handler, RouteLabel], ...]] = {
 }
 
 
-# Sends a whole answer: status, headers (the request id among them) and body.
-Respond = Callable[[int, list[tuple[bytes, bytes]], bytes], Awaitable[None]]
 FastRoute = tuple[Handler, re.Match[str], RouteLabel]
 
 
