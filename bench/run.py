@@ -258,7 +258,7 @@ def machine() -> dict[str, Any]:
 
 @dataclass
 class Target:
-    name: str  # direct, nginx, gateway
+    name: str  # direct, nginx, gateway, floor
     delay_ms: int
     port: int
     pids: list[int]  # whose CPU counts as this target's
@@ -332,9 +332,8 @@ def gateway_env(tmp: Path, delay: int, upstream_port: int) -> dict[str, str]:
     return env
 
 
-def start_gateway(procs: Processes, tmp: Path, delay: int, upstream_port: int, cpus: str | None,
-                  transport: str = "httpx", what_if: str = "none") -> Target:
-    env = gateway_env(tmp, delay, upstream_port)
+def prepare_ledger(env: dict[str, str], tmp: Path) -> str:
+    """Migrate the gateway's database and create a token in it; returns the token."""
     # cwd is the temp dir so that no .env file of the checkout is read.
     run = {"env": env, "cwd": tmp, "capture_output": True, "text": True, "check": False}
     out = subprocess.run([sys.executable, "-m", "app", "migrate"], **run)
@@ -343,7 +342,13 @@ def start_gateway(procs: Processes, tmp: Path, delay: int, upstream_port: int, c
     out = subprocess.run([sys.executable, "-m", "app", "tokens", "create", "bench", "--json"], **run)
     if out.returncode != 0:
         raise RuntimeError(f"gateway tokens create failed:\n{out.stderr[-3000:]}")
-    token = json.loads(out.stdout.strip().splitlines()[-1])["token"]
+    return str(json.loads(out.stdout.strip().splitlines()[-1])["token"])
+
+
+def start_gateway(procs: Processes, tmp: Path, delay: int, upstream_port: int, cpus: str | None,
+                  transport: str = "httpx", what_if: str = "none") -> Target:
+    env = gateway_env(tmp, delay, upstream_port)
+    token = prepare_ledger(env, tmp)
     port = free_port()
     log = tmp / f"gateway-{delay}.log"
     argv = [sys.executable, "-m", "app", "serve", "--host", HOST, "--port", str(port)]
@@ -368,6 +373,27 @@ def start_gateway(procs: Processes, tmp: Path, delay: int, upstream_port: int, c
         raise RuntimeError(f"GET of the finished prediction: {status} {body}")
     return Target("gateway", delay, port, [proc.pid], token=token,
                   ids={"get-running": running["id"], "get-finished": finished["id"]}, pause=[proc.pid])
+
+
+def start_floor(procs: Processes, tmp: Path, delay: int, upstream_port: int, cpus: str | None) -> Target:
+    """bench/floor.py (creates only) on a ledger of its own, made and given a token by the gateway's CLI."""
+    work = tmp / f"floor-{delay}"
+    work.mkdir()
+    env = gateway_env(work, delay, upstream_port)
+    token = prepare_ledger(env, work)
+    env["BENCH_FLOOR_UPSTREAM_KEY"] = UPSTREAM_KEY
+    port = free_port()
+    log = tmp / f"floor-{delay}.log"
+    proc = procs.start(f"floor-{delay}", [sys.executable, str(BENCH / "floor.py"), "--database",
+                                          str(work / f"gateway-{delay}.db"), "--upstream",
+                                          f"http://{HOST}:{upstream_port}/replicate", "--port", str(port)],
+                       cpus=cpus, log=log, env=env, cwd=work)
+    wait_for_port(port, proc, log)
+    status, body = http("POST", f"http://{HOST}:{port}/replicate/v1/models/bench/load/predictions", token,
+                        CREATE_BODY)
+    if status != 201 or body.get("status") != "starting":
+        raise RuntimeError(f"floor create: {status} {body}\n{tail(log)}")
+    return Target("floor", delay, port, [proc.pid], token=token, pause=[proc.pid])
 
 
 def upstream_prediction(port: int) -> str:
@@ -577,6 +603,48 @@ def report(summary: dict[tuple[str, str, int, int], dict[str, Any]], delays: lis
     return "\n".join(lines), rows, verdicts
 
 
+def floor_report(summary: dict[tuple[str, str, int, int], dict[str, Any]], delays: list[int],
+                 concurrencies: list[int]) -> tuple[str, list[dict[str, Any]]]:
+    """The creates of bench/floor.py next to the gateway's and nginx's: CPU a create (µs) and the
+    latency each adds over direct (ms, p50 / p99)."""
+    def per_request(s: dict[str, Any]) -> float:
+        return round(s["proxy_cpu_pct"] * 1e4 / s["rps"], 1) if s["rps"] else 0.0
+
+    def added(s: dict[str, Any] | None, direct: dict[str, Any] | None) -> str:
+        if s is None or direct is None:
+            return "-"
+        return f"+{s['p50_ms'] - direct['p50_ms']:.2f} / +{s['p99_ms'] - direct['p99_ms']:.2f}"
+
+    rows, lines = [], []
+    for delay in delays:
+        for conc in concurrencies:
+            floor = summary.get(("floor", "create", conc, delay))
+            if floor is None:
+                continue
+            gw = summary.get(("gateway", "create", conc, delay))
+            ngx = summary.get(("nginx", "create", conc, delay))
+            direct = summary.get(("direct", "create", conc, delay))
+            rows.append({
+                "delay_ms": delay, "concurrency": conc, "floor": floor,
+                "floor_cpu_us": per_request(floor), "gateway_cpu_us": per_request(gw) if gw else None,
+                "floor_vs_nginx": round(floor["rps"] / ngx["rps"], 4) if ngx and ngx["rps"] else None,
+                "gateway_vs_floor": round(gw["rps"] / floor["rps"], 4) if gw and floor["rps"] else None,
+                "floor_added_ms": added(floor, direct), "gateway_added_ms": added(gw, direct),
+            })
+    if rows:
+        head = (f"{'delay':>5} {'c':>3} | {'floor req/s':>11} {'p50':>6} {'p99':>6} {'µs/create':>9} "
+                f"{'floor/nginx':>11} | {'gateway µs/create':>17} {'gw/floor':>8} | added over direct, floor / gateway")
+        lines += [head, "-" * len(head)]
+        for row in rows:
+            floor = row["floor"]
+            lines.append(
+                f"{row['delay_ms']:>5} {row['concurrency']:>3} | {floor['rps']:>11,.0f} {floor['p50_ms']:>6.2f} "
+                f"{floor['p99_ms']:>6.2f} {row['floor_cpu_us']:>9.0f} {row['floor_vs_nginx'] or 0:>11.3f} | "
+                f"{row['gateway_cpu_us'] or 0:>17.0f} {row['gateway_vs_floor'] or 0:>8.3f} | "
+                f"{row['floor_added_ms']} ms, {row['gateway_added_ms']} ms")
+    return "\n".join(lines), rows
+
+
 def ms(value: float) -> str:
     return f"{value:.2f}" if value < 1 else f"{value:.1f}" if value < 1000 else f"{value:,.0f}"
 
@@ -593,6 +661,15 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {row['delay_ms']} ms | {row['scenario']} | {row['concurrency']} | {cell(row['direct'])} | "
                      f"{cell(row['nginx'])} | {gw['rps']:,.0f}{err} | {ms(gw['p50_ms'])} | {ms(gw['p99_ms'])} | "
                      f"{gw['proxy_cpu_pct']:.0f} | {row['gateway_vs_nginx'] or 0:.3f} | {row['gateway_vs_direct'] or 0:.3f} |")
+    if result.get("floor"):
+        lines += ["", "| delay | c | floor req/s | p50 | p99 | floor µs/create | floor/nginx | gateway µs/create "
+                  "| gw/floor | added over direct (p50 / p99 ms): floor | gateway |", "|" + "---|" * 11]
+        for row in result["floor"]:
+            floor = row["floor"]
+            lines.append(f"| {row['delay_ms']} ms | {row['concurrency']} | {floor['rps']:,.0f} | {ms(floor['p50_ms'])} | "
+                         f"{ms(floor['p99_ms'])} | {row['floor_cpu_us']:.0f} | {row['floor_vs_nginx'] or 0:.3f} | "
+                         f"{row['gateway_cpu_us'] or 0:.0f} | {row['gateway_vs_floor'] or 0:.3f} | "
+                         f"{row['floor_added_ms']} | {row['gateway_added_ms']} |")
     lines += ["", "| target | want | got | |", "|---|---|---|---|"]
     for v in result["targets"]:
         lines.append(f"| {v['scenario']}, c{v['concurrency']}, {v['delay_ms']} ms | {v['want']} | {v['got']} | "
@@ -632,6 +709,9 @@ def main() -> int:
                         help="cache: monkeypatch an auth cache and a final-prediction cache into the gateway "
                              "(a measurement aid; see bench/gateway_serve.py); cache-inline: also runs the sync "
                              "dependencies inline (as `async def` would)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also measure bench/floor.py (the least a create can cost in Python here) in the "
+                             "create cells")
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
                         help="after the measured cells, run each gateway scenario once more at the highest "
                              "concurrency, 0 ms, under py-spy (pip install py-spy), writing DIR/*.txt")
@@ -673,6 +753,11 @@ def main() -> int:
             for delay, (port, _) in upstreams.items():
                 targets["gateway", delay] = start_gateway(procs, tmp, delay, port, proxy_cpus, args.gateway_transport,
                                                           args.what_if)
+        names = list(args.targets)
+        if args.floor:
+            names.append("floor")
+            for delay, (port, _) in upstreams.items():
+                targets["floor", delay] = start_floor(procs, tmp, delay, port, proxy_cpus)
         for target in targets.values():
             for group in target.pause:
                 os.killpg(group, signal.SIGSTOP)
@@ -684,8 +769,9 @@ def main() -> int:
                     for scenario in ("create", "get-running", "get-finished"):
                         if scenario == "get-finished" and delay != args.delays[0] and not args.finished_at_every_delay:
                             continue
-                        for name in args.targets:
-                            if name != "gateway" and scenario == "get-finished":
+                        for name in names:
+                            if (name != "gateway" and scenario == "get-finished") or (
+                                    name == "floor" and scenario != "create"):
                                 continue
                             plan.append((rnd, delay, conc, scenario, name))
         print(f"bench: {len(plan)} cells of {duration:g} s ({rounds} round(s)), about "
@@ -693,7 +779,7 @@ def main() -> int:
               f"{load_cpus}; logs in {tmp}", flush=True)
         # Warm each target up (imports, pools, first queries) before anything is recorded.
         for (name, delay), target in targets.items():
-            for scenario in ("create", "get-running") if name == "gateway" else ("create", "get"):
+            for scenario in {"gateway": ("create", "get-running"), "floor": ("create",)}.get(name, ("create", "get")):
                 wrk_cell(wrk, tmp, target, scenario, 16, 1, load_cpus, upstreams[delay][1], 0)
         for i, (rnd, delay, conc, scenario, name) in enumerate(plan, 1):
             target = targets[name, delay]
@@ -725,6 +811,10 @@ def main() -> int:
     print(f"{facts.get('cpu', '?')}, {facts['nproc']} cores; medians of {rounds} round(s) of {duration:g} s; "
           "cpu% = the gateway process's CPU use during the cell (100 = one core)")
     print(table)
+    floor_table, floor_rows = floor_report(summary, args.delays, args.concurrency)
+    if floor_rows:
+        print("\nThe floor (bench/floor.py: the least a create can cost in Python here) next to the gateway:")
+        print(floor_table)
     errors = sum(c.errors for c in cells)
     if errors:
         print(f"\nWARNING: {errors} failed requests (non-2xx, timeouts or socket errors): this run is flagged")
@@ -734,8 +824,8 @@ def main() -> int:
     result = {
         "machine": facts, "versions": versions(nginx),
         "settings": {"gateway_transport": args.gateway_transport, "what_if": args.what_if, "duration_s": duration, "rounds": rounds, "concurrency": args.concurrency, "delays_ms": args.delays,
-                     "proxy_cpus": proxy_cpus, "load_cpus": load_cpus},
-        "rows": rows, "targets": verdicts, "cells": [asdict(c) for c in cells], "errors": errors,
+                     "proxy_cpus": proxy_cpus, "load_cpus": load_cpus, "floor": args.floor},
+        "rows": rows, "floor": floor_rows, "targets": verdicts, "cells": [asdict(c) for c in cells], "errors": errors,
         "reconciler_backlog": left, "memory": memory, "flagged": bool(errors),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
