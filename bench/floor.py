@@ -153,6 +153,11 @@ class Relay(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError("the relay closed the connection"))
+
     def data_received(self, data: bytes) -> None:
         self._parser.feed_data(data)
 
@@ -192,6 +197,8 @@ class Floor:
         return found
 
     async def upstream(self, model: str, payload: bytes) -> dict[str, Any]:
+        while self._idle and self._idle[-1].transport is None:
+            self._idle.pop()
         relay = self._idle.pop() if self._idle else (await asyncio.get_running_loop().create_connection(
             Relay, *self._relay))[1]
         relay.waiter = asyncio.get_running_loop().create_future()

@@ -613,7 +613,7 @@ def floor_report(summary: dict[tuple[str, str, int, int], dict[str, Any]], delay
     def added(s: dict[str, Any] | None, direct: dict[str, Any] | None) -> str:
         if s is None or direct is None:
             return "-"
-        return f"+{s['p50_ms'] - direct['p50_ms']:.2f} / +{s['p99_ms'] - direct['p99_ms']:.2f}"
+        return f"{s['p50_ms'] - direct['p50_ms']:+.2f} / {s['p99_ms'] - direct['p99_ms']:+.2f}"
 
     rows, lines = [], []
     for delay in delays:
