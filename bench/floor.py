@@ -9,12 +9,12 @@ response objects), the caller's token looked up by its keyed hash, and the gatew
 writes: the same SQL statements with the same type processing (planned from the gateway's
 statements), group-committed on one SQLite connection in two transactions, the first before any
 byte goes upstream and the second, the link, before the answer, with the log checkpointed on a
-thread of its own as the gateway does. Left out, because a real create
-needs them but they are not the floor: validating the body, idempotency keys, webhooks, file
-inputs, groups and failover, the circuit breaker, metrics, logs, a request id, the reconciler, and
-everything that turns an error into a Replicate problem (any error here just closes the
-connection). The database must be migrated, with the caller's token created by the gateway's CLI
-and no GATEWAY_SECRET_KEY; the relay's key comes from BENCH_FLOOR_UPSTREAM_KEY.
+thread of its own as the gateway does. Left out, because a real create needs them but they are
+not the floor: validating the body, idempotency keys, webhooks, file inputs, groups and failover,
+the circuit breaker, metrics, logs, a request id, the reconciler, and everything that turns an
+error into a Replicate problem (any error here just closes the connection). The database must be
+migrated, with the caller's token created by the gateway's CLI and no GATEWAY_SECRET_KEY; the
+relay's key comes from BENCH_FLOOR_UPSTREAM_KEY.
 """
 
 from __future__ import annotations
@@ -222,15 +222,15 @@ class Floor:
         statements = self._ledger.statements
 
         def admit_and_record(cursor: sqlite3.Cursor) -> None:
-            cursor.execute(statements.admit.sql, statements.admit.values({"token_id": token_id, "estimate": 0, "now": now,
-                                                    "month": month_of(now),
-                                                    "minute": int(now.timestamp() // 60)}))
+            admission = {"token_id": token_id, "estimate": 0, "now": now, "month": month_of(now),
+                         "minute": int(now.timestamp() // 60)}
+            cursor.execute(statements.admit.sql, statements.admit.values(admission))
             if cursor.rowcount != 1:
                 raise RuntimeError("not admitted")
             cursor.execute(statements.insert.sql, statements.insert.values(row))
-            cursor.execute(statements.entry.sql, statements.entry.values({"prediction_id": prediction_id, "token_id": token_id,
-                                                    "kind": "reservation", "amount_micros": 0,
-                                                    "created_at": datetime.now(UTC)}))
+            reservation = {"prediction_id": prediction_id, "token_id": token_id, "kind": "reservation",
+                           "amount_micros": 0, "created_at": datetime.now(UTC)}
+            cursor.execute(statements.entry.sql, statements.entry.values(reservation))
 
         await self._ledger.run(admit_and_record)
         reply = await self.upstream(model, orjson.dumps({"input": body["input"]}))
