@@ -26,8 +26,9 @@ VOLATILE = {"id", "upstream_id", "created_at", "updated_at", "submit_deadline", 
 
 
 def _serve(argv: list[str], port: int, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                               stderr=log.open("ab"))
+    with log.open("ab") as errors:
+        process = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                   stderr=errors)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
