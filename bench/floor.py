@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import os
 import socket
 import sqlite3
@@ -41,7 +40,7 @@ from app.accounting.service import _ADMIT, _ENTRY, month_of
 from app.db import _GIVEN, WalCheckpointer, _plan, make_engine
 from app.predictions.recording import _state_update
 from app.predictions.service import _INSERT
-from app.tokens.service import INSTANCE_KEY_ID, hash_token, new_id
+from app.tokens.service import INSTANCE_KEY_ID, hash_token, instance_key, new_id
 
 # The parameters each statement gets from the gateway on a create (bench/upstream.py's answers).
 ADMIT_NAMES = ("token_id", "estimate", "now", "month", "minute")
@@ -106,7 +105,7 @@ class Ledger:
     def key(self) -> bytes:
         """The key token hashes are made with, as the gateway derives it (GATEWAY_SECRET_KEY unset)."""
         (stored,) = self._db.execute("SELECT key FROM instance_key WHERE id = ?", (INSTANCE_KEY_ID,)).fetchone()
-        return hashlib.sha256(str(stored).encode()).digest()
+        return instance_key(str(stored))
 
     async def run(self, work: Callable[[sqlite3.Cursor], None]) -> None:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()

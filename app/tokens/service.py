@@ -59,10 +59,15 @@ def hash_token(raw_token: str, key: bytes) -> str:
     return hmac.new(key, raw_token.encode(), hashlib.sha256).hexdigest()
 
 
+def instance_key(secret: str) -> bytes:
+    """The hashing and signing key made from a secret (GATEWAY_SECRET_KEY or the stored one)."""
+    return hashlib.sha256(secret.encode()).digest()
+
+
 async def load_instance_key(session: AsyncSession, configured: str | None) -> bytes:
     """The hashing and signing key: GATEWAY_SECRET_KEY, else one generated once per database."""
     if configured:
-        return hashlib.sha256(configured.encode()).digest()
+        return instance_key(configured)
     row = await session.get(InstanceKey, INSTANCE_KEY_ID)
     if row is None:
         try:
@@ -75,7 +80,7 @@ async def load_instance_key(session: AsyncSession, configured: str | None) -> by
         row = await session.get(InstanceKey, INSTANCE_KEY_ID)
         if row is None:
             raise RuntimeError("the instance key could not be stored")
-    return hashlib.sha256(row.key.encode()).digest()
+    return instance_key(row.key)
 
 
 class TokenNameTaken(ValueError):
