@@ -36,7 +36,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import Connection, Dialect
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -99,9 +99,20 @@ def make_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
         _configure_sqlite(engine)
         return engine
     connect_args = {"server_settings": {"timezone": "UTC"}}
-    return create_async_engine(
-        url, pool_size=10, max_overflow=20, pool_pre_ping=True, connect_args=connect_args, **kwargs
-    )
+    engine = create_async_engine(url, pool_size=10, max_overflow=20, connect_args=connect_args, **kwargs)
+    _replace_closed_connections(engine)
+    return engine
+
+
+def _replace_closed_connections(engine: AsyncEngine) -> None:
+    # In place of pool_pre_ping, whose ping on asyncpg is three round trips (BEGIN, a query,
+    # ROLLBACK) before every transaction, as many as a one-statement transaction takes.
+    # A connection the server ended (a restart, a failover, an idle timeout) is closed by
+    # asyncpg as soon as the loop reads its end; the pool then swaps it for a new one.
+    @event.listens_for(engine.sync_engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        if dbapi_connection.driver_connection.is_closed():
+            raise DisconnectionError("the server closed this connection")
 
 
 def _on_connect_pragmas(engine: Engine, *pragmas: str) -> None:
