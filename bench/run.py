@@ -16,6 +16,7 @@ JSON to bench/results-latest.json. See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -34,6 +35,10 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from app.db import make_engine
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -319,10 +324,10 @@ def start_nginx(procs: Processes, tmp: Path, nginx: str, upstreams: dict[int, tu
     return {delay: (ports[delay], pids) for delay in upstreams}
 
 
-def gateway_env(tmp: Path, delay: int, upstream_port: int) -> dict[str, str]:
+def gateway_env(tmp: Path, delay: int, upstream_port: int, database_url: str | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env.update({
-        "GATEWAY_DATABASE_URL": f"sqlite:///{tmp}/gateway-{delay}.db",
+        "GATEWAY_DATABASE_URL": database_url or sqlite_url(tmp, delay),
         "GATEWAY_UPSTREAM_URL": f"http://{HOST}:{upstream_port}/replicate",
         "GATEWAY_UPSTREAM_TOKEN": UPSTREAM_KEY,
         "GATEWAY_LOG_LEVEL": "WARNING",  # uvicorn's access log goes through the app's logging at INFO
@@ -330,6 +335,42 @@ def gateway_env(tmp: Path, delay: int, upstream_port: int) -> dict[str, str]:
         "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
     })
     return env
+
+
+def sqlite_url(tmp: Path, delay: int) -> str:
+    """The gateway's SQLite ledger in the temp dir (the default)."""
+    return f"sqlite:///{tmp}/gateway-{delay}.db"
+
+
+def local_postgres(url: str) -> str:
+    """`url` if it names a PostgreSQL server on this machine; the benchmark talks to nothing else."""
+    parsed = make_url(url)
+    if not parsed.drivername.startswith("postgres") or parsed.host not in (HOST, "localhost"):
+        raise SystemExit(f"bench: --postgres wants a postgresql:// URL on {HOST}, not {parsed.host!r}")
+    return url
+
+
+def on_postgres(url: str, statement: str) -> Any:
+    """Run one statement, outside a transaction (as CREATE and DROP DATABASE must be), on the database
+    of `url`; returns the first column of its first row, if it has rows."""
+
+    async def run() -> Any:
+        engine = make_engine(url, isolation_level="AUTOCOMMIT")
+        try:
+            async with engine.connect() as connection:
+                result = await connection.execute(text(statement))
+                return result.scalar() if result.returns_rows else None
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+def fresh_postgres_database(server_url: str, name: str) -> str:
+    """An empty database `name` on the server of `server_url` (dropped first if left over); its URL."""
+    on_postgres(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    on_postgres(server_url, f'CREATE DATABASE "{name}"')
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
 
 
 def prepare_ledger(env: dict[str, str], tmp: Path) -> str:
@@ -346,8 +387,8 @@ def prepare_ledger(env: dict[str, str], tmp: Path) -> str:
 
 
 def start_gateway(procs: Processes, tmp: Path, delay: int, upstream_port: int, cpus: str | None,
-                  transport: str = "httpx", what_if: str = "none") -> Target:
-    env = gateway_env(tmp, delay, upstream_port)
+                  transport: str = "httpx", what_if: str = "none", database_url: str | None = None) -> Target:
+    env = gateway_env(tmp, delay, upstream_port, database_url)
     token = prepare_ledger(env, tmp)
     port = free_port()
     log = tmp / f"gateway-{delay}.log"
@@ -677,11 +718,19 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def backlog(db: Path) -> int | None:
-    with contextlib.suppress(sqlite3.Error), \
-            contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
-        return int(conn.execute(
-            "select count(*) from prediction where status in ('starting', 'processing')").fetchone()[0])
+BACKLOG_SQL = "select count(*) from prediction where status in ('starting', 'processing')"
+
+
+def backlog(database_url: str) -> int | None:
+    """Predictions the gateway had not settled when the run ended (None if the ledger cannot be read)."""
+    if database_url.startswith("sqlite:///"):
+        db = database_url.removeprefix("sqlite:///")
+        with contextlib.suppress(sqlite3.Error), \
+                contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
+            return int(conn.execute(BACKLOG_SQL).fetchone()[0])
+        return None
+    with contextlib.suppress(Exception):
+        return int(on_postgres(database_url, BACKLOG_SQL) or 0)
     return None
 
 
@@ -712,6 +761,9 @@ def main() -> int:
     parser.add_argument("--floor", action="store_true",
                         help="also measure bench/floor.py (the least a create can cost in Python here) in the "
                              "create cells")
+    parser.add_argument("--postgres", default=None, metavar="URL",
+                        help="the gateways' ledgers on this PostgreSQL server (on 127.0.0.1) instead of SQLite: a "
+                             "fresh database per gateway, created through URL's database and dropped at the end")
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
                         help="after the measured cells, run each gateway scenario once more at the highest "
                              "concurrency, 0 ms, under py-spy (pip install py-spy), writing DIR/*.txt")
@@ -723,6 +775,9 @@ def main() -> int:
     if args.markdown:
         print(markdown(json.loads(args.markdown.read_text())))
         return 0
+    if args.postgres and args.floor:
+        parser.error("--floor measures a SQLite ledger; it cannot be combined with --postgres")
+    server_url = local_postgres(args.postgres) if args.postgres else None
     duration = args.duration or (2 if args.quick else 8)
     rounds = args.rounds or (1 if args.quick else 2)
     ncpu = os.cpu_count() or 1
@@ -739,6 +794,7 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, interrupted)
     cells: list[Cell] = []
+    ledgers: dict[int, str] = {}
     try:
         upstreams = start_upstreams(procs, tmp, args.delays, load_cpus)
         targets: dict[tuple[str, int], Target] = {}
@@ -751,8 +807,10 @@ def main() -> int:
                 targets["nginx", delay] = Target("nginx", delay, port, pids, ids={"get": ids[delay]})
         if "gateway" in args.targets:
             for delay, (port, _) in upstreams.items():
+                ledgers[delay] = sqlite_url(tmp, delay) if server_url is None else \
+                    fresh_postgres_database(server_url, f"gateway_bench_{delay}ms_{os.getpid()}")
                 targets["gateway", delay] = start_gateway(procs, tmp, delay, port, proxy_cpus, args.gateway_transport,
-                                                          args.what_if)
+                                                          args.what_if, ledgers[delay])
         names = list(args.targets)
         if args.floor:
             names.append("floor")
@@ -796,19 +854,24 @@ def main() -> int:
         if args.profile and ("gateway", args.delays[0]) in targets:
             profile(args.profile, wrk, tmp, targets["gateway", args.delays[0]], max(args.concurrency), duration,
                     load_cpus, upstreams[args.delays[0]][1])
-        left = {delay: backlog(tmp / f"gateway-{delay}.db") for delay in args.delays if ("gateway", delay) in targets}
+        left = {delay: backlog(ledgers[delay]) for delay in args.delays if ("gateway", delay) in targets}
     except KeyboardInterrupt:
         print("bench: interrupted; stopping everything", file=sys.stderr)
         return 130
     finally:
         procs.stop_all()
+        if server_url is not None:
+            for delay in ledgers:
+                with contextlib.suppress(Exception):
+                    on_postgres(server_url, f'DROP DATABASE IF EXISTS "gateway_bench_{delay}ms_{os.getpid()}"')
         if not args.keep_temp:
             shutil.rmtree(tmp, ignore_errors=True)
 
     summary = median_cells(cells)
     table, rows, verdicts = report(summary, args.delays, args.concurrency)
     print()
-    print(f"{facts.get('cpu', '?')}, {facts['nproc']} cores; medians of {rounds} round(s) of {duration:g} s; "
+    print(f"{facts.get('cpu', '?')}, {facts['nproc']} cores; gateway ledger on "
+          f"{'PostgreSQL' if server_url else 'SQLite'}; medians of {rounds} round(s) of {duration:g} s; "
           "cpu% = the gateway process's CPU use during the cell (100 = one core)")
     print(table)
     floor_table, floor_rows = floor_report(summary, args.delays, args.concurrency)
@@ -824,7 +887,8 @@ def main() -> int:
     result = {
         "machine": facts, "versions": versions(nginx),
         "settings": {"gateway_transport": args.gateway_transport, "what_if": args.what_if, "duration_s": duration, "rounds": rounds, "concurrency": args.concurrency, "delays_ms": args.delays,
-                     "proxy_cpus": proxy_cpus, "load_cpus": load_cpus, "floor": args.floor},
+                     "proxy_cpus": proxy_cpus, "load_cpus": load_cpus, "floor": args.floor,
+                     "database": "postgresql" if server_url else "sqlite"},
         "rows": rows, "floor": floor_rows, "targets": verdicts, "cells": [asdict(c) for c in cells], "errors": errors,
         "reconciler_backlog": left, "memory": memory, "flagged": bool(errors),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
