@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import BigInteger, Table, and_, bindparam, case, func, insert, or_, update
+from sqlalchemy import BigInteger, Table, Update, and_, bindparam, case, func, insert, or_, update
 from sqlalchemy.engine import Connection
 
 from app.accounting import daily
@@ -38,9 +38,7 @@ _SPENT_THIS_WINDOW = case(
 _WINDOW_AFTER = case((_TOKENS.c.budget_period == "month", bindparam("month")), else_=_TOKENS.c.budget_window)
 
 
-def _admission(*, check_rate_and_in_flight: bool) -> Prepared:
-    # Built once: these statements run on every create, and building and keying them each
-    # time cost more than executing them.
+def _admission(*, check_rate_and_in_flight: bool) -> Update:
     tokens = _TOKENS.c
     estimate = bindparam("estimate", type_=BigInteger())
     conditions = [
@@ -62,18 +60,20 @@ def _admission(*, check_rate_and_in_flight: bool) -> Prepared:
             or_(tokens.rpm_limit.is_(None), tokens.rate_window != bindparam("minute"),
                 tokens.rate_count < tokens.rpm_limit),
         ]
-    return Prepared(update(_TOKENS).where(*conditions).values(
+    return update(_TOKENS).where(*conditions).values(
         spent_micros=_SPENT_THIS_WINDOW,
         budget_window=_WINDOW_AFTER,
         reserved_micros=tokens.reserved_micros + estimate,
         in_flight=tokens.in_flight + 1,
         rate_count=case((tokens.rate_window == bindparam("minute"), tokens.rate_count + 1), else_=1),
         rate_window=bindparam("minute"),
-    ))
+    )
 
 
-_ADMIT = _admission(check_rate_and_in_flight=True)
-_ADMIT_BUDGET_ONLY = _admission(check_rate_and_in_flight=False)
+# Built once: these statements run on every create, and building and keying them each time cost
+# more than executing them.
+_ADMIT = Prepared(_admission(check_rate_and_in_flight=True))
+_ADMIT_BUDGET_ONLY = Prepared(_admission(check_rate_and_in_flight=False))
 _SETTLE = Prepared(update(_TOKENS).where(_TOKENS.c.id == bindparam("token_id")).values(
     spent_micros=_SPENT_THIS_WINDOW + bindparam("charged", type_=BigInteger()),
     budget_window=_WINDOW_AFTER,
@@ -81,6 +81,20 @@ _SETTLE = Prepared(update(_TOKENS).where(_TOKENS.c.id == bindparam("token_id")).
     in_flight=_TOKENS.c.in_flight - 1,
 ))
 _ENTRY = Prepared(insert(_LEDGER))
+
+
+def admission(*, limits_taken: bool) -> Update:
+    """The conditional update `admit` runs, built anew, for statements built around it (once
+    each); its parameters are `admission_parameters`."""
+    # Not the shared statement: once compiled, a statement keeps memoized state that its
+    # generative copies inherit, and a CTE made from it with RETURNING lost its columns.
+    return _admission(check_rate_and_in_flight=not limits_taken)
+
+
+def admission_parameters(*, token_id: str, estimate_micros: int, now: datetime) -> dict[str, Any]:
+    """The parameters of the admission update."""
+    return {"token_id": token_id, "estimate": estimate_micros, "now": now, "month": month_of(now),
+            "minute": int(now.timestamp() // 60)}
 
 
 def admit(
@@ -92,14 +106,11 @@ def admit(
     With `limits_taken` the rate and in-flight slots were already taken in Redis: only the
     budget is checked here, but the counters still move, so the database can take over."""
     statement = _ADMIT_BUDGET_ONLY if limits_taken else _ADMIT
-    matched = statement.execute(connection, {
-        "token_id": token_id, "estimate": estimate_micros, "now": now, "month": month_of(now),
-        "minute": int(now.timestamp() // 60),
-    })
+    matched = statement.execute(connection, admission_parameters(
+        token_id=token_id, estimate_micros=estimate_micros, now=now))
     if matched == 1:
         return
-    _refuse(connection, token_id=token_id, estimate_micros=estimate_micros, now=now,
-            limits_taken=limits_taken)
+    refuse(connection, token_id=token_id, estimate_micros=estimate_micros, now=now, limits_taken=limits_taken)
 
 
 def rate_refusal(rpm_limit: int, now: datetime) -> Throttled:
@@ -114,9 +125,10 @@ def in_flight_refusal(max_in_flight: int) -> Throttled:
     )
 
 
-def _refuse(
+def refuse(
     connection: Connection, *, token_id: str, estimate_micros: int, now: datetime, limits_taken: bool
 ) -> None:
+    """Raise the refusal (401, 402 or 429) for a create the admission update did not admit."""
     token = ensure_live(entity_by_key(connection, ApiToken, token_id))
     minute = int(now.timestamp() // 60)
     # With slots taken in Redis the database did not check them: only the budget can refuse.

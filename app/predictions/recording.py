@@ -166,8 +166,11 @@ class PredictionRecorder:
                                      previous_logs=previous_logs)
             return row, outcome is not None
 
+        # The row as this process wrote it says whether anything beyond the update can follow: a
+        # settlement only for a final status, webhook events only for a prediction with a webhook.
+        one_write = known is not None and not terminal and not known.webhook
         try:
-            row, closed = await self._transactions.run(record)
+            row, closed = await self._transactions.run(record, one_write=one_write)
         finally:
             self._recorded(prediction_id)
         if closed:
