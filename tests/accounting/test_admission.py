@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, event
+from sqlalchemy.dialects import postgresql
 
+from app.accounting import service as accounting
+from app.predictions.models import PREDICTIONS
+from app.predictions.service import _create_in_one
 from tests.conftest import Gateway
 from tests.dbtools import create_token, execute, rows
 from tests.fakes.relay import FakeRelay
@@ -92,3 +98,18 @@ def test_a_refused_create_writes_nothing_and_sends_nothing(gateway: Gateway, rel
     assert rows(gateway.db_url, "prediction") == before[1]
     assert rows(gateway.db_url, "ledger_entry") == before[2]
     assert len(relay.creates()) == 1
+
+
+def test_the_one_statement_create_sets_only_the_admission_columns_of_the_token() -> None:
+    # Core adds a SET for every parameter named like a column of an updated table, in a CTE too:
+    # a token column named like one of the create's parameters would be overwritten by it.
+    names = tuple(column.name for column in PREDICTIONS.columns)
+    keys = [*accounting.admission_parameters(token_id="t", estimate_micros=1, now=datetime.now(UTC)),
+            *(f"row_{name}" for name in names), "reserved_at"]
+    for limits_taken in (False, True):
+        sql = str(_create_in_one(limits_taken, names).compile(dialect=postgresql.dialect(), column_keys=keys))
+        match = re.search(r"UPDATE api_token SET (.*?) WHERE", sql, re.DOTALL)
+        assert match is not None, sql
+        assigned = set(re.findall(r"(?:^|, )(\w+)=", match[1]))
+        assert assigned == {"spent_micros", "budget_window", "reserved_micros", "in_flight", "rate_count",
+                            "rate_window"}, assigned
