@@ -12,21 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from fnmatch import fnmatchcase
-from typing import Any, cast
+from typing import Any
 
 import orjson
-from sqlalchemy import (
-    Select,
-    Table,
-    and_,
-    bindparam,
-    exists,
-    func,
-    insert,
-    or_,
-    select,
-    update,
-)
+from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -34,7 +23,6 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.accounting import pricing
 from app.accounting import service as accounting
 from app.accounting.limits import SharedLimits
-from app.accounting.models import EntryKind, LedgerEntry
 from app.columns import utcnow
 from app.config import PriceRule, Settings
 from app.db import HotReads, Prepared, Transactions, detached
@@ -72,45 +60,6 @@ IN_DOUBT_MARGIN_SECONDS = 5.0
 _DATA_URI = re.compile(r"^data:([^;,]{0,100})(;[^,]{0,200})?,", re.IGNORECASE)
 # A table-level insert: the ORM's flush (unit of work, identity map) cost a fifth of a create.
 _INSERT = Prepared(insert(PREDICTIONS))
-_LEDGER = cast(Table, LedgerEntry.__table__)
-_TOKENS = cast(Table, ApiToken.__table__)
-_CREATES_IN_ONE: dict[tuple[bool, tuple[str, ...]], Select[int]] = {}
-
-
-def _create_in_one(limits_taken: bool, names: tuple[str, ...]) -> Select[int]:
-    """Admission, the row (its columns `names`, parameters `row_{name}`) and its reservation as
-    one statement of writable CTEs, for PostgreSQL; it counts the reservations it made (0: not
-    admitted, and nothing written).
-
-    As a transaction of three statements it took five round trips and held the token's row locked
-    from the first statement to the commit, three round trips on, while every other create of a
-    busy token queued for that lock; as one statement it takes one round trip, and the lock is held
-    only while the server runs it."""
-    key = (limits_taken, names)
-    statement = _CREATES_IN_ONE.get(key)
-    if statement is None:
-        columns = PREDICTIONS.c
-        admitted = accounting.admission(limits_taken=limits_taken).returning(_TOKENS.c.id).cte("admitted")
-        row = select(*(bindparam(f"row_{name}", type_=columns[name].type) for name in names))
-        inserted = (
-            insert(PREDICTIONS)
-            .from_select(list(names), row.where(exists(admitted.select())))
-            .returning(columns.id, columns.token_id, columns.estimate_micros)
-            .cte("inserted")
-        )
-        reserved = (
-            insert(_LEDGER)
-            .from_select(["prediction_id", "token_id", "kind", "amount_micros", "created_at"], select(
-                inserted.c.id, inserted.c.token_id,
-                bindparam("kind", EntryKind.RESERVATION, type_=_LEDGER.c.kind.type),
-                inserted.c.estimate_micros,
-                bindparam("reserved_at", type_=_LEDGER.c.created_at.type),
-            ))
-            .returning(_LEDGER.c.id)
-            .cte("reserved")
-        )
-        statement = _CREATES_IN_ONE[key] = select(func.count()).select_from(reserved)
-    return statement
 
 
 @dataclass(frozen=True)
@@ -309,7 +258,7 @@ class PredictionService(PredictionRecorder):
                                estimate_micros=prediction.estimate_micros)
 
         def admit_and_record_in_one(connection: Connection) -> None:
-            statement = _create_in_one(held is not None, tuple(row_values))
+            statement = accounting.create_in_one(limits_taken=held is not None, names=tuple(row_values))
             parameters = accounting.admission_parameters(
                 token_id=token.id, estimate_micros=prediction.estimate_micros, now=now)
             parameters.update({f"row_{name}": value for name, value in row_values.items()}, reserved_at=utcnow())

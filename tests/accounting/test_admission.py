@@ -15,7 +15,6 @@ from sqlalchemy.dialects import postgresql
 
 from app.accounting import service as accounting
 from app.predictions.models import PREDICTIONS
-from app.predictions.service import _create_in_one
 from tests.conftest import Gateway
 from tests.dbtools import create_token, execute, rows
 from tests.fakes.relay import FakeRelay
@@ -107,7 +106,8 @@ def test_the_one_statement_create_sets_only_the_admission_columns_of_the_token()
     keys = [*accounting.admission_parameters(token_id="t", estimate_micros=1, now=datetime.now(UTC)),
             *(f"row_{name}" for name in names), "reserved_at"]
     for limits_taken in (False, True):
-        sql = str(_create_in_one(limits_taken, names).compile(dialect=postgresql.dialect(), column_keys=keys))
+        statement = accounting.create_in_one(limits_taken=limits_taken, names=names)
+        sql = str(statement.compile(dialect=postgresql.dialect(), column_keys=keys))
         match = re.search(r"UPDATE api_token SET (.*?) WHERE", sql, re.DOTALL)
         assert match is not None, sql
         assigned = set(re.findall(r"(?:^|, )(\w+)=", match[1]))
