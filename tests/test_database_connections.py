@@ -47,7 +47,7 @@ def test_requests_after_the_server_ended_every_pooled_connection_succeed(
         secret = create_token(url, "team-a")
         with httpx.Client(base_url=server.url + "/replicate/v1", headers={"Authorization": f"Bearer {secret}"},
                           timeout=30) as api:
-            # Several at once, so the pool holds several connections when they are ended.
+            # Creates first, so that the pool holds connections when the server ends them.
             for _ in range(3):
                 assert api.post("/models/black-forest-labs/flux-schnell/predictions",
                                 json={"input": {"prompt": "warm"}}).status_code == 201
