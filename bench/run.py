@@ -337,9 +337,13 @@ def gateway_env(tmp: Path, delay: int, upstream_port: int, database_url: str | N
     return env
 
 
-def sqlite_url(tmp: Path, delay: int) -> str:
+def sqlite_ledger(tmp: Path, delay: int) -> Path:
     """The gateway's SQLite ledger in the temp dir (the default)."""
-    return f"sqlite:///{tmp}/gateway-{delay}.db"
+    return tmp / f"gateway-{delay}.db"
+
+
+def sqlite_url(tmp: Path, delay: int) -> str:
+    return f"sqlite:///{sqlite_ledger(tmp, delay)}"
 
 
 def local_postgres(url: str) -> str:
@@ -426,7 +430,7 @@ def start_floor(procs: Processes, tmp: Path, delay: int, upstream_port: int, cpu
     port = free_port()
     log = tmp / f"floor-{delay}.log"
     proc = procs.start(f"floor-{delay}", [sys.executable, str(BENCH / "floor.py"), "--database",
-                                          str(work / f"gateway-{delay}.db"), "--upstream",
+                                          str(sqlite_ledger(work, delay)), "--upstream",
                                           f"http://{HOST}:{upstream_port}/replicate", "--port", str(port)],
                        cpus=cpus, log=log, env=env, cwd=work)
     wait_for_port(port, proc, log)
@@ -861,9 +865,9 @@ def main() -> int:
     finally:
         procs.stop_all()
         if server_url is not None:
-            for delay in ledgers:
+            for ledger in ledgers.values():
                 with contextlib.suppress(Exception):
-                    on_postgres(server_url, f'DROP DATABASE IF EXISTS "gateway_bench_{delay}ms_{os.getpid()}"')
+                    on_postgres(server_url, f'DROP DATABASE IF EXISTS "{make_url(ledger).database}"')
         if not args.keep_temp:
             shutil.rmtree(tmp, ignore_errors=True)
 
