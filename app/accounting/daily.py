@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, Prepared, in_values
-from app.predictions.models import PREDICTIONS, Prediction, Submission
+from app.predictions.models import PREDICTIONS, Submission
 
 COUNTERS = ("predictions", "succeeded", "failed", "canceled", "cost_micros")
 
@@ -51,18 +51,19 @@ class UsageDaily(Base):
     cost_micros: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
-def _counted(*statuses: str) -> Any:
-    return case((in_values(PREDICTIONS.c.status, statuses), 1), else_=0)
+def _counted(status: Any, *statuses: str) -> Any:
+    return case((in_values(status, statuses), 1), else_=0)
 
 
-def _upsert(dialect: Any) -> Any:
-    # Built once per dialect: it runs with every settlement, and building it each time cost
-    # more than executing it.
+def counting(dialect: Any, rows: Any, *where: Any) -> Any:
+    """The upsert that adds the final predictions of `rows` (the prediction table, or a CTE
+    returning its columns) that match `where`, charged the parameter `charged`, to their day."""
+    row = rows.c
     source = select(
-        func.date(Prediction.created_at), Prediction.token_id, Prediction.model, literal(1),
-        _counted("succeeded"), _counted("failed", "aborted"), _counted("canceled"),
+        func.date(row.created_at), row.token_id, row.model, literal(1),
+        _counted(row.status, "succeeded"), _counted(row.status, "failed", "aborted"), _counted(row.status, "canceled"),
         bindparam("charged", type_=BigInteger()),
-    ).where(Prediction.id == bindparam("prediction_id"), Prediction.submission != Submission.REJECTED)
+    ).where(*where, row.submission != Submission.REJECTED)
     # The table, not the entity: executed with parameters, an entity insert would be taken
     # for an ORM bulk insert.
     table = UsageDaily.__table__
@@ -73,7 +74,12 @@ def _upsert(dialect: Any) -> Any:
     )
 
 
-_UPSERTS = {"postgresql": Prepared(_upsert(postgresql)), "sqlite": Prepared(_upsert(sqlite))}
+# Built once per dialect: it runs with every settlement, and building it each time cost more
+# than executing it.
+_UPSERTS = {
+    name: Prepared(counting(dialect, PREDICTIONS, PREDICTIONS.c.id == bindparam("prediction_id")))
+    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
+}
 
 
 def add_closed(connection: Connection, *, prediction_id: str, charged_micros: int) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import bindparam, update
+from sqlalchemy import Select, Update, bindparam, update
 from sqlalchemy.engine import Connection
 
 from app.accounting import pricing
@@ -31,21 +31,39 @@ _MAY_FOLLOW = {
     **dict.fromkeys(TERMINAL_STATUSES, ("starting", "processing")),
 }
 
-_STATE_UPDATES: dict[tuple[str, bool, tuple[str, ...]], Prepared] = {}
+StateShape = tuple[str, bool, tuple[str, ...]]
+_STATE_UPDATES: dict[StateShape, Prepared] = {}
+_FINAL_STATES_IN_ONE: dict[StateShape, Select[int]] = {}
+
+
+def _compare_and_set(status: str, linking: bool, names: tuple[str, ...]) -> Update:
+    columns = PREDICTIONS.c
+    condition = [columns.id == bindparam("match_id"), in_values(columns.status, _MAY_FOLLOW.get(status, ()))]
+    if linking:
+        condition += [columns.submission == Submission.PENDING, columns.upstream_id.is_(None)]
+    return update(PREDICTIONS).where(*condition).values(
+        {name: bindparam(f"set_{name}", type_=columns[name].type) for name in names})
 
 
 def _state_update(status: str, linking: bool, names: tuple[str, ...]) -> Prepared:
-    """The compare-and-set that records an upstream state, built once per shape: building and
-    keying it on every poll cost more than running it."""
+    """The compare-and-set that records an upstream state (parameters `match_id` and `set_{name}`),
+    built once per shape: building and keying it on every poll cost more than running it."""
     key = (status, linking, names)
     statement = _STATE_UPDATES.get(key)
     if statement is None:
-        columns = PREDICTIONS.c
-        condition = [columns.id == bindparam("match_id"), in_values(columns.status, _MAY_FOLLOW.get(status, ()))]
-        if linking:
-            condition += [columns.submission == Submission.PENDING, columns.upstream_id.is_(None)]
-        statement = _STATE_UPDATES[key] = Prepared(update(PREDICTIONS).where(*condition).values(
-            {name: bindparam(f"set_{name}", type_=columns[name].type) for name in names}))
+        statement = _STATE_UPDATES[key] = Prepared(_compare_and_set(*key))
+    return statement
+
+
+def _final_state_in_one(status: str, linking: bool, names: tuple[str, ...]) -> Select[int]:
+    """The compare-and-set of a final state with the prediction's settlement or release, as one
+    statement for PostgreSQL (`accounting.close_in_one`), built once per shape."""
+    key = (status, linking, names)
+    statement = _FINAL_STATES_IN_ONE.get(key)
+    if statement is None:
+        # A new update, not the Prepared one's: once compiled, a statement keeps memoized state
+        # that its generative copies inherit, and a CTE made from it with RETURNING lost its columns.
+        statement = _FINAL_STATES_IN_ONE[key] = accounting.close_in_one(_compare_and_set(*key))
     return statement
 
 
@@ -111,7 +129,8 @@ class PredictionRecorder:
         upstream_name: str | None = None, link: dict[str, Any] | None = None, known: Prediction | None = None,
     ) -> Prediction:
         """Record what the upstream says, as a compare-and-set that never moves status backwards;
-        a first final status is settled or released in the same transaction.
+        a first final status is settled or released in the same transaction (on PostgreSQL, for a
+        prediction without a webhook, in the same statement).
 
         With `link`, the same update also links a pending create to its upstream prediction
         (and only a still pending, unlinked one); NotLinked is raised when it was not. `known` is
@@ -141,9 +160,14 @@ class PredictionRecorder:
                 # Left out, so its index entry is not rewritten. Statuses never move backwards,
                 # so a row at least this far on that the compare-and-set lets through is at it.
                 del values["status"]
-            statement = _state_update(reply.status, link is not None, tuple(values))
-            parameters = {f"set_{name}": value for name, value in values.items()}
-            changed = statement.execute(connection, {"match_id": prediction_id, **parameters}) == 1
+            shape = (reply.status, link is not None, tuple(values))
+            parameters = {"match_id": prediction_id, **{f"set_{name}": value for name, value in values.items()}}
+            if outcome is not None and close_in_one:
+                parameters.update(accounting.closing_parameters(
+                    estimate_micros=row.estimate_micros, outcome=outcome, now=now))
+                changed = connection.execute(_final_state_in_one(*shape), parameters).scalar_one() == 1
+            else:
+                changed = _state_update(*shape).execute(connection, parameters) == 1
             if link is not None and not changed:
                 raise NotLinked()
             if not changed:
@@ -153,10 +177,11 @@ class PredictionRecorder:
             # object (`detached`), so its attributes are plain entries of its dictionary.
             row.__dict__.update(values)
             if outcome is not None:
-                accounting.close(
-                    connection, prediction_id=prediction_id, token_id=row.token_id,
-                    estimate_micros=row.estimate_micros, outcome=outcome, now=now,
-                )
+                if not close_in_one:
+                    accounting.close(
+                        connection, prediction_id=prediction_id, token_id=row.token_id,
+                        estimate_micros=row.estimate_micros, outcome=outcome, now=now,
+                    )
                 log.info("prediction.finished", extra={
                     "prediction_id": prediction_id, "status": reply.status,
                     "charged_micros": outcome.amount_micros if outcome.charged else 0})
@@ -166,10 +191,20 @@ class PredictionRecorder:
                                      previous_logs=previous_logs)
             return row, outcome is not None
 
-        # The row as this process wrote it says whether anything beyond the update can follow: a
-        # settlement only for a final status, webhook events only for a prediction with a webhook.
-        one_write = known is not None and not terminal and not known.webhook
         try:
+            one_write = False
+            if not self._transactions.groups_commits:
+                # On PostgreSQL the row is read first, in a round trip of its own (the
+                # compare-and-set guards the update as it did inside the transaction, where the
+                # read took no lock either), so that it says whether anything but the update and
+                # the settlement can follow: webhook events, only for a prediction with a webhook.
+                # Without them the update, with the settlement of a final state, is one statement
+                # in no transaction.
+                if known is None:
+                    known = await self._transactions.run(
+                        lambda connection: self._reread(connection, prediction_id), one_write=True)
+                one_write = not known.webhook
+            close_in_one = one_write and terminal
             row, closed = await self._transactions.run(record, one_write=one_write)
         finally:
             self._recorded(prediction_id)

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event
 from sqlalchemy.dialects import postgresql
 
 from app.accounting import service as accounting
@@ -19,22 +16,6 @@ from tests.conftest import Gateway
 from tests.dbtools import create_token, execute, rows
 from tests.fakes.relay import FakeRelay
 from tests.helpers import assert_problem, create
-
-
-@pytest.fixture
-def executed() -> Iterator[list[str]]:
-    """The SQL of every statement Core sent to a database meanwhile (on pysqlite the hot writes
-    bypass Core, so there it sees only the rest)."""
-    seen: list[str] = []
-    lock = threading.Lock()
-
-    def note(_conn: Any, _cursor: Any, statement: str, _params: Any, _context: Any, _many: bool) -> None:
-        with lock:
-            seen.append(statement)
-
-    event.listen(Engine, "before_cursor_execute", note)
-    yield seen
-    event.remove(Engine, "before_cursor_execute", note)
 
 
 def _token(gateway: Gateway, name: str) -> dict[str, Any]:
