@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_UPSTREAM_URL = "https://api.replicate.com"
+DEFAULT_POOL_SIZE = 10
 
 
 class PriceRule(BaseModel):
@@ -93,6 +94,8 @@ class Settings(BaseSettings):
                                       hide_input_in_errors=True)
 
     database_url: str = "sqlite:///./gateway.db"
+    # PostgreSQL connections this process keeps open (and never exceeds).
+    database_pool_size: int = Field(default=DEFAULT_POOL_SIZE, ge=1, le=500)
     upstream_url: str = DEFAULT_UPSTREAM_URL
     upstream_token: SecretStr | None = None
     public_url: str | None = None

@@ -1,19 +1,23 @@
-"""The gateway's PostgreSQL pool outlives the server dropping its connections (a restart, a failover)."""
+"""The gateway's PostgreSQL pool: kept connections, never more than its size, and it outlives the server
+dropping them (a restart, a failover)."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
 import httpx
-from sqlalchemy import text
+from sqlalchemy import event, text
+from sqlalchemy.pool import Pool
 
 from app.db import make_engine
 from app.main import create_app
-from tests.conftest import make_settings
+from tests.conftest import Gateway, make_settings
 from tests.dbtools import create_token, truncate_all
 from tests.fakes.relay import FakeRelay
+from tests.helpers import burst
 from tests.invariants import check_all
 from tests.servers import ServerThread
 
@@ -62,4 +66,36 @@ def test_requests_after_the_server_ended_every_pooled_connection_succeed(
             assert api.get("/predictions").status_code == 200
     finally:
         server.stop()
+    check_all(url, relay)
+
+
+def test_a_burst_is_served_on_the_pools_connections_without_opening_more(
+    postgres_migrated: str, relay: FakeRelay, tmp_path: Path
+) -> None:
+    url = postgres_migrated
+    truncate_all(url)
+    settings = make_settings(url, relay.upstream_url, relay.key, storage_dir=tmp_path / "storage",
+                             database_pool_size=3)
+    server = ServerThread(create_app(settings)).start()
+    opened: list[object] = []
+    lock = threading.Lock()
+
+    def note(dbapi_connection: object, _record: object) -> None:
+        with lock:
+            opened.append(dbapi_connection)
+
+    try:
+        gateway = Gateway(url=server.url, db_url=url, settings=settings, server=server)
+        secret = create_token(url, "team-a")
+        event.listen(Pool, "connect", note)
+        try:
+            responses = burst(gateway, secret, 40, model="black-forest-labs/flux-schnell")
+        finally:
+            event.remove(Pool, "connect", note)
+        assert [r.status_code for r in responses] == [201] * 40, [r.text for r in responses if r.status_code != 201]
+    finally:
+        server.stop()
+    # Forty creates in flight at once wait for the pool's three connections; none is opened
+    # past them (and so none is closed and opened again).
+    assert 1 <= len(opened) <= 3, len(opened)
     check_all(url, relay)
