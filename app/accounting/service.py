@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -105,9 +106,7 @@ _SETTLE = Prepared(_settlement(bindparam("token_id")))
 _ENTRY = Prepared(insert(_LEDGER))
 
 
-_CREATES_IN_ONE: dict[tuple[bool, tuple[str, ...]], Select[int]] = {}
-
-
+@cache
 def create_in_one(*, limits_taken: bool, names: tuple[str, ...]) -> Select[int]:
     """Admission, the prediction's row (its columns `names`, parameters `row_{name}`) and its
     reservation as one statement of writable CTEs, for PostgreSQL; it counts the reservations it
@@ -118,33 +117,29 @@ def create_in_one(*, limits_taken: bool, names: tuple[str, ...]) -> Select[int]:
     from the first statement to the commit, three round trips on, while every other create of a
     busy token queued for that lock; as one statement it takes one round trip, and the lock is held
     only while the server runs it."""
-    key = (limits_taken, names)
-    statement = _CREATES_IN_ONE.get(key)
-    if statement is None:
-        columns = PREDICTIONS.c
-        # A new admission, not _ADMIT's: once compiled, a statement keeps memoized state that its
-        # generative copies inherit, and a CTE made from it with RETURNING lost its columns.
-        admitted = _admission(check_rate_and_in_flight=not limits_taken).returning(_TOKENS.c.id).cte("admitted")
-        row = select(*(bindparam(f"row_{name}", type_=columns[name].type) for name in names))
-        inserted = (
-            insert(PREDICTIONS)
-            .from_select(list(names), row.where(exists(admitted.select())))
-            .returning(columns.id, columns.token_id, columns.estimate_micros)
-            .cte("inserted")
-        )
-        reserved = (
-            insert(_LEDGER)
-            .from_select(["prediction_id", "token_id", "kind", "amount_micros", "created_at"], select(
-                inserted.c.id, inserted.c.token_id,
-                bindparam("kind", EntryKind.RESERVATION, type_=_LEDGER.c.kind.type),
-                inserted.c.estimate_micros,
-                bindparam("reserved_at", type_=_LEDGER.c.created_at.type),
-            ))
-            .returning(_LEDGER.c.id)
-            .cte("reserved")
-        )
-        statement = _CREATES_IN_ONE[key] = select(func.count()).select_from(reserved)
-    return statement
+    columns = PREDICTIONS.c
+    # A new admission, not _ADMIT's: once compiled, a statement keeps memoized state that its
+    # generative copies inherit, and a CTE made from it with RETURNING lost its columns.
+    admitted = _admission(check_rate_and_in_flight=not limits_taken).returning(_TOKENS.c.id).cte("admitted")
+    row = select(*(bindparam(f"row_{name}", type_=columns[name].type) for name in names))
+    inserted = (
+        insert(PREDICTIONS)
+        .from_select(list(names), row.where(exists(admitted.select())))
+        .returning(columns.id, columns.token_id, columns.estimate_micros)
+        .cte("inserted")
+    )
+    reserved = (
+        insert(_LEDGER)
+        .from_select(["prediction_id", "token_id", "kind", "amount_micros", "created_at"], select(
+            inserted.c.id, inserted.c.token_id,
+            bindparam("kind", EntryKind.RESERVATION, type_=_LEDGER.c.kind.type),
+            inserted.c.estimate_micros,
+            bindparam("reserved_at", type_=_LEDGER.c.created_at.type),
+        ))
+        .returning(_LEDGER.c.id)
+        .cte("reserved")
+    )
+    return select(func.count()).select_from(reserved)
 
 
 def admission_parameters(*, token_id: str, estimate_micros: int, now: datetime) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from functools import cache
 from typing import Any
 
 from sqlalchemy import Select, Update, bindparam, update
@@ -31,10 +32,6 @@ _MAY_FOLLOW = {
     **dict.fromkeys(TERMINAL_STATUSES, ("starting", "processing")),
 }
 
-StateShape = tuple[str, bool, tuple[str, ...]]
-_STATE_UPDATES: dict[StateShape, Prepared] = {}
-_FINAL_STATES_IN_ONE: dict[StateShape, Select[int]] = {}
-
 
 def _compare_and_set(status: str, linking: bool, names: tuple[str, ...]) -> Update:
     columns = PREDICTIONS.c
@@ -45,26 +42,20 @@ def _compare_and_set(status: str, linking: bool, names: tuple[str, ...]) -> Upda
         {name: bindparam(f"set_{name}", type_=columns[name].type) for name in names})
 
 
+@cache
 def _state_update(status: str, linking: bool, names: tuple[str, ...]) -> Prepared:
     """The compare-and-set that records an upstream state (parameters `match_id` and `set_{name}`),
     built once per shape: building and keying it on every poll cost more than running it."""
-    key = (status, linking, names)
-    statement = _STATE_UPDATES.get(key)
-    if statement is None:
-        statement = _STATE_UPDATES[key] = Prepared(_compare_and_set(*key))
-    return statement
+    return Prepared(_compare_and_set(status, linking, names))
 
 
+@cache
 def _final_state_in_one(status: str, linking: bool, names: tuple[str, ...]) -> Select[int]:
     """The compare-and-set of a final state with the prediction's settlement or release, as one
     statement for PostgreSQL (`accounting.close_in_one`), built once per shape."""
-    key = (status, linking, names)
-    statement = _FINAL_STATES_IN_ONE.get(key)
-    if statement is None:
-        # A new update, not the Prepared one's: once compiled, a statement keeps memoized state
-        # that its generative copies inherit, and a CTE made from it with RETURNING lost its columns.
-        statement = _FINAL_STATES_IN_ONE[key] = accounting.close_in_one(_compare_and_set(*key))
-    return statement
+    # A new update, not the Prepared one's: once compiled, a statement keeps memoized state that
+    # its generative copies inherit, and a CTE made from it with RETURNING lost its columns.
+    return accounting.close_in_one(_compare_and_set(status, linking, names))
 
 
 class NotLinked(Exception):
@@ -162,7 +153,7 @@ class PredictionRecorder:
                 del values["status"]
             shape = (reply.status, link is not None, tuple(values))
             parameters = {"match_id": prediction_id, **{f"set_{name}": value for name, value in values.items()}}
-            if outcome is not None and close_in_one:
+            if outcome is not None and closes_in_one:
                 parameters.update(accounting.closing_parameters(
                     estimate_micros=row.estimate_micros, outcome=outcome, now=now))
                 changed = connection.execute(_final_state_in_one(*shape), parameters).scalar_one() == 1
@@ -177,7 +168,7 @@ class PredictionRecorder:
             # object (`detached`), so its attributes are plain entries of its dictionary.
             row.__dict__.update(values)
             if outcome is not None:
-                if not close_in_one:
+                if not closes_in_one:
                     accounting.close(
                         connection, prediction_id=prediction_id, token_id=row.token_id,
                         estimate_micros=row.estimate_micros, outcome=outcome, now=now,
@@ -204,7 +195,7 @@ class PredictionRecorder:
                     known = await self._transactions.run(
                         lambda connection: self._reread(connection, prediction_id), one_write=True)
                 one_write = not known.webhook
-            close_in_one = one_write and terminal
+            closes_in_one = one_write and terminal
             row, closed = await self._transactions.run(record, one_write=one_write)
         finally:
             self._recorded(prediction_id)
