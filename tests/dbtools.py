@@ -54,6 +54,12 @@ def rows(url: str, table: str) -> list[dict[str, Any]]:
     return result
 
 
+def token_row(url: str, name: str) -> dict[str, Any]:
+    """The token named `name`, as its row."""
+    (row,) = [t for t in rows(url, "api_token") if t["name"] == name]
+    return row
+
+
 def dump_database(url: str) -> str:
     """Every value of every table as one text, for secret scans."""
     return "\n".join(repr(row) for table in TABLES for row in rows(url, table))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 from datetime import UTC, datetime
-from typing import Any
 
 import pytest
 from sqlalchemy.dialects import postgresql
@@ -13,14 +12,9 @@ from sqlalchemy.dialects import postgresql
 from app.accounting import service as accounting
 from app.predictions.models import PREDICTIONS
 from tests.conftest import Gateway
-from tests.dbtools import create_token, execute, rows
+from tests.dbtools import create_token, execute, rows, token_row
 from tests.fakes.relay import FakeRelay
 from tests.helpers import assert_problem, create
-
-
-def _token(gateway: Gateway, name: str) -> dict[str, Any]:
-    (row,) = [t for t in rows(gateway.db_url, "api_token") if t["name"] == name]
-    return row
 
 
 def test_an_admitted_create_writes_its_row_reservation_and_counters(
@@ -45,7 +39,7 @@ def test_an_admitted_create_writes_its_row_reservation_and_counters(
     assert (entry["prediction_id"], entry["token_id"], entry["kind"], entry["amount_micros"]) == (
         prediction_id, row["token_id"], "reservation", 10_000)
     assert entry["created_at"] is not None
-    token = _token(gateway, "team")
+    token = token_row(gateway.db_url, "team")
     assert (token["reserved_micros"], token["spent_micros"], token["in_flight"], token["rate_count"]) == (
         10_000, 0, 1, 1)
 
@@ -65,14 +59,14 @@ def test_a_refused_create_writes_nothing_and_sends_nothing(gateway: Gateway, rel
     secret = create_token(gateway.db_url, "team", **limits)
     with gateway.client(secret) as api:
         assert create(api, "budget/model").status_code == 201
-        before = (_token(gateway, "team"), rows(gateway.db_url, "prediction"), rows(gateway.db_url, "ledger_entry"))
+        before = (token_row(gateway.db_url, "team"), rows(gateway.db_url, "prediction"), rows(gateway.db_url, "ledger_entry"))
         if limit == "revoked":
             # Refused at sign-in or, while the gateway still holds the token in its cache, by the admission.
             execute(gateway.db_url, "UPDATE api_token SET revoked_at = CURRENT_TIMESTAMP WHERE name = 'team'")
         refused = create(api, "budget/model")
     expected = {"budget": 402, "rate": 429, "in-flight": 429, "revoked": 401}[limit]
     assert_problem(refused, expected)
-    after_token = _token(gateway, "team")
+    after_token = token_row(gateway.db_url, "team")
     if limit != "revoked":
         assert after_token == before[0]
     assert rows(gateway.db_url, "prediction") == before[1]

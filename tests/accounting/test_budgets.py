@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
 
 import httpx
 import pytest
 
 from tests.conftest import Gateway
-from tests.dbtools import create_token, execute, rows
+from tests.dbtools import create_token, execute, rows, token_row
 from tests.fakes.relay import FakeRelay
 from tests.helpers import assert_problem, burst, create, wait_terminal
 from tests.invariants import check_ledger
-
-
-def token_row(gateway: Gateway, name: str) -> dict[str, Any]:
-    (row,) = [t for t in rows(gateway.db_url, "api_token") if t["name"] == name]
-    return row
 
 
 class TestBudget:
@@ -30,7 +24,7 @@ class TestBudget:
         for refused in (r for r in responses if r.status_code == 402):
             assert_problem(refused, 402)
         assert len(relay.creates()) == 5
-        row = token_row(gateway, f"small-{round_}")
+        row = token_row(gateway.db_url, f"small-{round_}")
         assert row["spent_micros"] + row["reserved_micros"] <= 50_000
         with gateway.client(secret) as api:
             for response in responses:
@@ -50,7 +44,7 @@ class TestBudget:
                     break
                 wait_terminal(api, response.json()["id"])
                 accepted += 1
-        row = token_row(gateway, "tight")
+        row = token_row(gateway.db_url, "tight")
         assert accepted == 2
         assert row["spent_micros"] == 20_000
         assert row["spent_micros"] - 20_000 <= 10_000 - 5_000
@@ -71,7 +65,7 @@ class TestBudget:
         with gateway.client(secret) as api:
             relay.fail_next("status", status=422)
             assert_problem(create(api, "budget/model"), 422)
-            assert token_row(gateway, "one")["reserved_micros"] == 0
+            assert token_row(gateway.db_url, "one")["reserved_micros"] == 0
             assert create(api, "budget/model").status_code == 201
 
     def test_account_shows_budget_spent_reserved_and_remaining(

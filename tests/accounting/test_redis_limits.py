@@ -18,7 +18,7 @@ from app.columns import utcnow
 from app.config import Settings
 from app.tokens.models import ApiToken
 from tests.conftest import Gateway
-from tests.dbtools import create_token, execute, rows
+from tests.dbtools import create_token, execute, rows, token_row
 from tests.fakes.relay import FakeRelay
 from tests.helpers import (
     assert_problem,
@@ -55,11 +55,6 @@ def eventually(check: Callable[[], bool], timeout: float = 5) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("the condition never held")
         time.sleep(0.05)
-
-
-def token_row(db_url: str, name: str) -> dict[str, Any]:
-    (row,) = [t for t in rows(db_url, "api_token") if t["name"] == name]
-    return row
 
 
 def keys(prefix: str) -> SharedLimits:

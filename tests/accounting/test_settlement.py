@@ -15,15 +15,10 @@ from app.predictions.models import PREDICTIONS
 from app.predictions.recording import _final_state_in_one
 from app.upstream.schemas import parse_prediction
 from tests.conftest import Gateway
-from tests.dbtools import create_token, rows, standalone_recorder
+from tests.dbtools import create_token, rows, standalone_recorder, token_row
 from tests.fakes.relay import FakeRelay
 from tests.helpers import create, wait_terminal
 from tests.invariants import check_all
-
-
-def _token(gateway: Gateway, name: str) -> dict[str, Any]:
-    (row,) = [t for t in rows(gateway.db_url, "api_token") if t["name"] == name]
-    return row
 
 
 @pytest.mark.parametrize(("model", "fail", "kind", "amount", "charged"), [
@@ -54,7 +49,7 @@ def test_a_final_state_closes_the_ledger_and_moves_the_counters_and_the_daily_us
     assert (closing["prediction_id"], closing["token_id"], closing["amount_micros"]) == (
         row["id"], row["token_id"], amount)
     assert closing["created_at"] is not None
-    token = _token(gateway, "team")
+    token = token_row(gateway.db_url, "team")
     assert (token["spent_micros"], token["reserved_micros"], token["in_flight"]) == (charged, 0, 0)
     (usage,) = rows(gateway.db_url, "usage_daily")
     assert (usage["token_id"], usage["model"], usage["predictions"], usage["succeeded"], usage["failed"],
@@ -92,7 +87,7 @@ def test_two_processes_recording_the_same_final_state_close_it_once(
     assert asyncio.run(race()) == ["succeeded"] * 4
     kinds = sorted(entry["kind"] for entry in rows(gateway.db_url, "ledger_entry"))
     assert kinds == ["reservation", "settlement"]
-    token = _token(gateway, "team")
+    token = token_row(gateway.db_url, "team")
     assert (token["spent_micros"], token["reserved_micros"], token["in_flight"]) == (10_000, 0, 0)
     (usage,) = rows(gateway.db_url, "usage_daily")
     assert (usage["predictions"], usage["succeeded"], usage["cost_micros"]) == (1, 1, 10_000)
