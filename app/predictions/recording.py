@@ -132,10 +132,8 @@ class PredictionRecorder:
             values.update(link)
         terminal = reply.status in TERMINAL_STATUSES
 
-        def record(connection: Connection) -> tuple[Prediction, bool]:
-            row = known if known is not None else entity_by_key(connection, Prediction, prediction_id)
-            if row is None:
-                raise NotFound("The requested prediction could not be found")
+        def planned(row: Prediction, *, closes_in_one: bool) -> tuple[Any, dict[str, Any], accounting.Outcome | None]:
+            """The compare-and-set's shape and parameters for this row (`values` completed)."""
             outcome = self._outcome(row, reply) if terminal else None
             if outcome is not None:
                 values.update(completed_at=reply.completed_at or now, next_poll_at=None, lease_until=None,
@@ -145,9 +143,7 @@ class PredictionRecorder:
                 values["model"] = reply.model
             if row.version is None and reply.version:
                 values["version"] = reply.version
-            previous_status = row.status
-            previous_output, previous_logs = row.output, row.logs
-            if reply.status == previous_status:
+            if reply.status == row.status:
                 # Left out, so its index entry is not rewritten. Statuses never move backwards,
                 # so a row at least this far on that the compare-and-set lets through is at it.
                 del values["status"]
@@ -156,35 +152,62 @@ class PredictionRecorder:
             if outcome is not None and closes_in_one:
                 parameters.update(accounting.closing_parameters(
                     estimate_micros=row.estimate_micros, outcome=outcome, now=now))
-                changed = connection.execute(_final_state_in_one(*shape), parameters).scalar_one() == 1
-            else:
-                changed = _state_update(*shape).execute(connection, parameters) == 1
+            return shape, parameters, outcome
+
+        def recorded(row: Prediction, outcome: accounting.Outcome | None) -> None:
+            # The row now holds exactly `values`: no need to read it back. It is a session-less
+            # object (`detached`), so its attributes are plain entries of its dictionary.
+            row.__dict__.update(values)
+            if outcome is not None:
+                log.info("prediction.finished", extra={
+                    "prediction_id": prediction_id, "status": reply.status,
+                    "charged_micros": outcome.amount_micros if outcome.charged else 0})
+
+        def record(connection: Connection) -> tuple[Prediction, bool]:
+            row = known if known is not None else entity_by_key(connection, Prediction, prediction_id)
+            if row is None:
+                raise NotFound("The requested prediction could not be found")
+            previous_status = row.status
+            previous_output, previous_logs = row.output, row.logs
+            shape, parameters, outcome = planned(row, closes_in_one=False)
+            changed = _state_update(*shape).execute(connection, parameters) == 1
             if link is not None and not changed:
                 raise NotLinked()
             if not changed:
                 # Someone else moved it on: answer with what they wrote.
                 return self._reread(connection, prediction_id), False
-            # The row now holds exactly `values`: no need to read it back. It is a session-less
-            # object (`detached`), so its attributes are plain entries of its dictionary.
-            row.__dict__.update(values)
             if outcome is not None:
-                if not closes_in_one:
-                    accounting.close(
-                        connection, prediction_id=prediction_id, token_id=row.token_id,
-                        estimate_micros=row.estimate_micros, outcome=outcome, now=now,
-                    )
-                log.info("prediction.finished", extra={
-                    "prediction_id": prediction_id, "status": reply.status,
-                    "charged_micros": outcome.amount_micros if outcome.charged else 0})
+                accounting.close(
+                    connection, prediction_id=prediction_id, token_id=row.token_id,
+                    estimate_micros=row.estimate_micros, outcome=outcome, now=now,
+                )
+            recorded(row, outcome)
             if row.webhook:
                 outbox.record_events(connection, row, previous_status=None if first else previous_status,
                                      key=self._key, now=now, previous_output=previous_output,
                                      previous_logs=previous_logs)
             return row, outcome is not None
 
+        async def record_alone(row: Prediction) -> tuple[Prediction, bool]:
+            # One statement in no transaction: the compare-and-set, with a final state's
+            # settlement or release (`accounting.close_in_one`).
+            direct = self._transactions.direct
+            shape, parameters, outcome = planned(row, closes_in_one=True)
+            if outcome is not None:
+                changed = await direct.scalar(_final_state_in_one(*shape), parameters) == 1
+            else:
+                changed = await direct.rowcount(_state_update(*shape).statement, parameters) == 1
+            if link is not None and not changed:
+                raise NotLinked()
+            if not changed:
+                return await self._reread_alone(prediction_id), False
+            recorded(row, outcome)
+            return row, outcome is not None
+
         try:
-            one_write = False
-            if not self._transactions.groups_commits:
+            if self._transactions.groups_commits:
+                row, closed = await self._transactions.run(record)
+            else:
                 # On PostgreSQL the row is read first, in a round trip of its own (the
                 # compare-and-set guards the update as it did inside the transaction, where the
                 # read took no lock either), so that it says whether anything but the update and
@@ -192,15 +215,21 @@ class PredictionRecorder:
                 # Without them the update, with the settlement of a final state, is one statement
                 # in no transaction.
                 if known is None:
-                    known = await self._transactions.run(
-                        lambda connection: self._reread(connection, prediction_id), one_write=True)
-                one_write = not known.webhook
-            closes_in_one = one_write and terminal
-            row, closed = await self._transactions.run(record, one_write=one_write)
+                    known = await self._reread_alone(prediction_id)
+                if known.webhook:
+                    row, closed = await self._transactions.run(record)
+                else:
+                    row, closed = await record_alone(known)
         finally:
             self._recorded(prediction_id)
         if closed:
             await self._limits.release(row.token_id, prediction_id)
+        return row
+
+    async def _reread_alone(self, prediction_id: str) -> Prediction:
+        row = await self._transactions.direct.entity(Prediction, prediction_id)
+        if row is None:
+            raise NotFound("The requested prediction could not be found")
         return row
 
     def _recorded(self, prediction_id: str) -> None:

@@ -257,20 +257,21 @@ class PredictionService(PredictionRecorder):
             accounting.reserve(connection, prediction_id=prediction.id, token_id=token.id,
                                estimate_micros=prediction.estimate_micros)
 
-        def admit_and_record_in_one(connection: Connection) -> None:
+        async def admit_and_record_in_one() -> None:
             statement = accounting.create_in_one(limits_taken=held is not None, names=tuple(row_values))
             parameters = accounting.admission_parameters(
                 token_id=token.id, estimate_micros=prediction.estimate_micros, now=now)
             parameters.update({f"row_{name}": value for name, value in row_values.items()}, reserved_at=utcnow())
-            if connection.execute(statement, parameters).scalar_one() == 0:
-                accounting.refuse(connection, token_id=token.id, estimate_micros=prediction.estimate_micros,
-                                  now=now, limits_taken=held is not None)
+            if await self._transactions.direct.scalar(statement, parameters) == 0:
+                await self._transactions.run(lambda connection: accounting.refuse(
+                    connection, token_id=token.id, estimate_micros=prediction.estimate_micros, now=now,
+                    limits_taken=held is not None), one_write=True)
 
         try:
             if self._transactions.groups_commits:
                 await self._transactions.run(admit_and_record)
             else:
-                await self._transactions.run(admit_and_record_in_one, one_write=True)
+                await admit_and_record_in_one()
         except IntegrityError:
             await self._limits.undo(held)
             if idempotency_key is None or request_hash is None:
