@@ -37,7 +37,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.accounting.service import _ADMIT, _ENTRY, month_of
-from app.db import _GIVEN, WalCheckpointer, _plan, make_engine
+from app.db import WalCheckpointer, _plan, _values, make_engine
 from app.predictions.recording import _state_update
 from app.predictions.service import _INSERT
 from app.tokens.service import INSTANCE_KEY_ID, hash_token, instance_key, new_id
@@ -62,11 +62,7 @@ class Statement:
         self.sql, self._slots = plan
 
     def values(self, parameters: dict[str, Any]) -> list[Any]:
-        out = []
-        for name, fixed, processor in self._slots:
-            value = parameters[name] if fixed is _GIVEN else fixed
-            out.append(value if processor is None else processor(value))
-        return out
+        return _values(self._slots, parameters)
 
 
 class Statements:
