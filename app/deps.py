@@ -53,9 +53,10 @@ async def require_caller(request: Request, state: StateDep) -> Caller:
     digest = token_service.hash_token(secret, state.key)
     token = state.token_cache.get(digest)
     if token is None:
-        token = token_service.hash_matches(await state.hot_reads.first(token_service.by_hash(digest)), digest)
-        if token is not None:
-            state.token_cache.put(token.token_hash, token)
+        async def load() -> ApiToken | None:
+            return token_service.hash_matches(await state.hot_reads.first(token_service.by_hash(digest)), digest)
+
+        token = await state.token_cache.get_or_load(digest, load)
     return Caller(token=token_service.ensure_live(token), secret=secret)
 
 
