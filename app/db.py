@@ -302,9 +302,9 @@ def _values(slots: tuple[tuple[str, Any, Callable[[Any], Any] | None], ...], par
 
 
 _BY_KEY: dict[type[Any], tuple[Select[Any], list[str]]] = {}
-# Per entity, on pysqlite: the keyed select's SQL, its key's bind processor and each column's
-# result processor.
-_BY_KEY_SQL: dict[type[Any], tuple[str, Any, list[Any]]] = {}
+# Per driver's dialect and entity: the keyed select's SQL, its key's bind processor and each
+# column's result processor.
+_BY_KEY_SQL: dict[tuple[type[Dialect], type[Any]], tuple[str, Any, list[Any]]] = {}
 
 
 def _by_key(entity: type[Any]) -> tuple[Select[Any], list[str]]:
@@ -320,7 +320,7 @@ def _by_key(entity: type[Any]) -> tuple[Select[Any], list[str]]:
 
 
 def _by_key_sql(dialect: Dialect, entity: type[Any]) -> tuple[str, Any, list[Any]]:
-    found = _BY_KEY_SQL.get(entity)
+    found = _BY_KEY_SQL.get((type(dialect), entity))
     if found is None:
         statement, _ = _by_key(entity)
         (key_column,) = inspect(entity).primary_key
@@ -328,7 +328,7 @@ def _by_key_sql(dialect: Dialect, entity: type[Any]) -> tuple[str, Any, list[Any
                  key_column.type.dialect_impl(dialect).bind_processor(dialect),
                  [column.type.dialect_impl(dialect).result_processor(dialect, None)
                   for column in statement.selected_columns])
-        _BY_KEY_SQL[entity] = found
+        _BY_KEY_SQL[(type(dialect), entity)] = found
     return found
 
 
@@ -361,6 +361,11 @@ def entity_by_key(connection: Connection, entity: type[T], ident: Any) -> T | No
         raw = cursor.fetchone()
     finally:
         cursor.close()
+    return _processed(entity, keys, raw, processors)
+
+
+def _processed(entity: type[T], keys: list[str], raw: Any, processors: list[Any]) -> T | None:
+    """A keyed select's driver row (or None) as a session-less object, each value processed."""
     if raw is None:
         return None
     return detached(entity, **{key: value if processor is None else processor(value)
@@ -389,7 +394,6 @@ class DirectStatements:
         self._server_error: type[Exception] = self._dialect.loaded_dbapi.asyncpg.PostgresError if self._on_driver else Exception
         # Keyed by the statement's id: each plan keeps its statement, so the id is never reused.
         self._plans: dict[tuple[int, tuple[str, ...]], tuple[Executable, _Plan]] = {}
-        self._by_key: dict[type[Any], tuple[str, Any, list[str], list[Any]]] = {}
 
     async def rowcount(self, statement: Executable, parameters: Mapping[str, Any]) -> int:
         """Run a write; the number of rows it matched."""
@@ -412,27 +416,11 @@ class DirectStatements:
         if not self._on_driver:
             async with self._engine.connect() as connection:
                 return await connection.run_sync(lambda sync: entity_by_key(sync, entity, ident))
-        sql, key_processor, keys, processors = self._keyed(entity)
+        sql, key_processor, processors = _by_key_sql(self._dialect, entity)
+        _, keys = _by_key(entity)
         values = [ident if key_processor is None else key_processor(ident)]
-        row = await self._sent(sql, values, lambda driver: driver.fetchrow(sql, *values))
-        if row is None:
-            return None
-        return detached(entity, **{key: value if processor is None else processor(value)
-                                   for key, value, processor in zip(keys, row, processors, strict=True)})
-
-    def _keyed(self, entity: type[Any]) -> tuple[str, Any, list[str], list[Any]]:
-        found = self._by_key.get(entity)
-        if found is None:
-            statement, keys = _by_key(entity)
-            (key_column,) = inspect(entity).primary_key
-            found = self._by_key[entity] = (
-                statement.compile(dialect=self._dialect).string,
-                key_column.type.dialect_impl(self._dialect).bind_processor(self._dialect),
-                keys,
-                [column.type.dialect_impl(self._dialect).result_processor(self._dialect, None)
-                 for column in statement.selected_columns],
-            )
-        return found
+        return _processed(entity, keys, await self._sent(sql, values, lambda driver: driver.fetchrow(sql, *values)),
+                          processors)
 
     async def _run(self, statement: Executable, parameters: Mapping[str, Any],
                    call: Callable[[Any, str, list[Any]], Awaitable[Any]]) -> Any:
