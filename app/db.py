@@ -224,8 +224,9 @@ class Prepared:
     processing are worked out once. Inside a transaction on pysqlite it runs on the driver's
     cursor: Core's execution context around driver SQL still cost 7 µs a statement. Driver errors
     are raised as Core raises them (IntegrityError and the like). Statements this cannot plan
-    (expanding or callable parameters, RETURNING, a missing value) and other databases, where the
-    round trip dominates, go through Core as usual."""
+    (expanding or callable parameters, RETURNING, a missing value) and other databases go through
+    Core as usual (on PostgreSQL only inside a transaction: a statement alone runs on the driver,
+    `DirectStatements`)."""
 
     __slots__ = ("_plans", "statement")
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
@@ -30,19 +29,13 @@ def _postgres_only(db_url: str) -> None:
         pytest.skip("asyncpg's own path")
 
 
-@asynccontextmanager
-async def _direct(db_url: str, pool_size: int = 2) -> AsyncIterator[tuple[DirectStatements, AsyncEngine]]:
-    engine = make_engine(db_url, pool_size=pool_size)
-    try:
-        yield DirectStatements(engine), engine
-    finally:
-        await engine.dispose()
-
-
 def _run(db_url: str, scenario: Callable[[DirectStatements, AsyncEngine], Awaitable[T]], pool_size: int = 2) -> T:
     async def main() -> T:
-        async with _direct(db_url, pool_size) as (direct, engine):
-            return await scenario(direct, engine)
+        engine = make_engine(db_url, pool_size=pool_size)
+        try:
+            return await scenario(DirectStatements(engine), engine)
+        finally:
+            await engine.dispose()
 
     return asyncio.run(main())
 

@@ -132,7 +132,7 @@ class PredictionRecorder:
             values.update(link)
         terminal = reply.status in TERMINAL_STATUSES
 
-        def planned(row: Prediction, *, closes_in_one: bool) -> tuple[Any, dict[str, Any], accounting.Outcome | None]:
+        def planned(row: Prediction) -> tuple[Any, dict[str, Any], accounting.Outcome | None]:
             """The compare-and-set's shape and parameters for this row (`values` completed)."""
             outcome = self._outcome(row, reply) if terminal else None
             if outcome is not None:
@@ -149,9 +149,6 @@ class PredictionRecorder:
                 del values["status"]
             shape = (reply.status, link is not None, tuple(values))
             parameters = {"match_id": prediction_id, **{f"set_{name}": value for name, value in values.items()}}
-            if outcome is not None and closes_in_one:
-                parameters.update(accounting.closing_parameters(
-                    estimate_micros=row.estimate_micros, outcome=outcome, now=now))
             return shape, parameters, outcome
 
         def recorded(row: Prediction, outcome: accounting.Outcome | None) -> None:
@@ -169,7 +166,7 @@ class PredictionRecorder:
                 raise NotFound("The requested prediction could not be found")
             previous_status = row.status
             previous_output, previous_logs = row.output, row.logs
-            shape, parameters, outcome = planned(row, closes_in_one=False)
+            shape, parameters, outcome = planned(row)
             changed = _state_update(*shape).execute(connection, parameters) == 1
             if link is not None and not changed:
                 raise NotLinked()
@@ -192,8 +189,10 @@ class PredictionRecorder:
             # One statement in no transaction: the compare-and-set, with a final state's
             # settlement or release (`accounting.close_in_one`).
             direct = self._transactions.direct
-            shape, parameters, outcome = planned(row, closes_in_one=True)
+            shape, parameters, outcome = planned(row)
             if outcome is not None:
+                parameters.update(accounting.closing_parameters(
+                    estimate_micros=row.estimate_micros, outcome=outcome, now=now))
                 changed = await direct.scalar(_final_state_in_one(*shape), parameters) == 1
             else:
                 changed = await direct.rowcount(_state_update(*shape).statement, parameters) == 1
