@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
+import socket
 import sqlite3
 import threading
 import time
@@ -37,6 +39,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError, DisconnectionError, MissingGreenlet, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -84,6 +87,39 @@ def json_text(value: Any) -> str:
         return orjson.dumps(value).decode()
     except TypeError:
         return json.dumps(value)
+
+
+# SQLSTATE classes and codes of a server that cannot take statements now: connection exceptions,
+# insufficient resources (too many connections, disk full), shutting down or starting up, and a
+# server that became a read-only standby in a failover.
+_UNAVAILABLE_SQLSTATES = ("08", "53", "57P01", "57P02", "57P03", "25006")
+_UNREACHABLE_ERRNOS = frozenset((errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN))
+_UNAVAILABLE_SQLITE = ("database is locked", "database table is locked", "disk i/o error",
+                       "unable to open database file", "database or disk is full")
+
+
+def database_unavailable(error: BaseException) -> bool:
+    """Whether `error` says the database could not be reached or could not take a statement now
+    (a restart, a failover, a cut network, the pool exhausted, SQLite's lock held past its wait),
+    as opposed to a statement or a value being wrong: the one is worth retrying, the other not."""
+    if isinstance(error, PoolTimeout | DisconnectionError):
+        return True
+    if isinstance(error, DBAPIError):
+        return error.connection_invalidated or _driver_unavailable(error.orig)
+    return _driver_unavailable(error)
+
+
+def _driver_unavailable(error: BaseException | None) -> bool:
+    # asyncpg raises the socket's own errors when it cannot connect; its other errors, and
+    # SQLAlchemy's adaptations of them, carry the server's SQLSTATE.
+    if isinstance(error, ConnectionError | TimeoutError | socket.gaierror):
+        return True
+    if isinstance(error, OSError) and error.errno in _UNREACHABLE_ERRNOS:
+        return True
+    sqlstate = getattr(error, "sqlstate", None)
+    if isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
+        return True
+    return isinstance(error, sqlite3.OperationalError) and str(error).lower().startswith(_UNAVAILABLE_SQLITE)
 
 
 def make_engine(database_url: str, *, pool_size: int = DEFAULT_POOL_SIZE, **kwargs: Any) -> AsyncEngine:

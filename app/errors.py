@@ -12,6 +12,7 @@
     ├── UnsupportedMediaType (415)
     ├── ValidationFailed (422, with invalid_fields)
     ├── Throttled (429, with Retry-After)
+    ├── DatabaseUnavailable (503, with Retry-After)
     └── UpstreamError
         ├── UpstreamStatus (the upstream's own 4xx/5xx status, scrubbed body)
         ├── UpstreamInvalid (502)
@@ -23,15 +24,20 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Mapping
 from typing import Any, ClassVar, cast
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
+
+from app.db import database_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +124,20 @@ class Throttled(GatewayError):
             detail or f"Request was throttled. Expected available in {retry_after} seconds.",
             headers={"Retry-After": str(retry_after)},
         )
+
+
+class DatabaseUnavailable(GatewayError):
+    """The database could not be reached or could not take the request now; nothing was sent
+    upstream for it, so trying again is safe."""
+
+    status, title = 503, "Service Unavailable"
+    # Python's client waits exactly this long between its retries of a GET, ten times in all:
+    # about half a minute, as long as a database restart or failover usually takes.
+    RETRY_AFTER_SECONDS: ClassVar[int] = 3
+
+    def __init__(self) -> None:
+        super().__init__("The gateway's database is unavailable; try again shortly",
+                         headers={"Retry-After": str(self.RETRY_AFTER_SECONDS)})
 
 
 class UpstreamError(GatewayError):
@@ -229,12 +249,27 @@ async def on_unexpected(request: Request, exc: Exception) -> Response:
     return problem_response(GatewayError("An unexpected error occurred"))
 
 
+async def on_database_error(request: Request, exc: Exception) -> Response:
+    """The database being away is a 503 the caller may retry; any other database error is a bug."""
+    if not database_unavailable(exc):
+        return await on_unexpected(request, exc)
+    # The type alone: a driver's message may name the database's host and user.
+    log.warning("database.unavailable", extra={"path": request.url.path, "error": type(exc).__name__})
+    return problem_response(DatabaseUnavailable())
+
+
+# What the database and its drivers raise: asyncpg raises a socket's OSError when it cannot connect.
+DATABASE_ERRORS: tuple[type[Exception], ...] = (DBAPIError, PoolTimeout, DisconnectionError, sqlite3.Error, OSError)
+
+
 async def error_response(request: Request, exc: Exception) -> Response:
     """The answer to any exception a route raised, for code that runs outside the framework's handlers."""
     if isinstance(exc, GatewayError):
         return await on_gateway_error(request, exc)
     if isinstance(exc, ClientDisconnect):
         return await on_disconnect(request, exc)
+    if isinstance(exc, DATABASE_ERRORS):
+        return await on_database_error(request, exc)
     return await on_unexpected(request, exc)
 
 
@@ -244,4 +279,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(ClientDisconnect, on_disconnect)
+    for database_error in DATABASE_ERRORS:
+        app.add_exception_handler(database_error, on_database_error)
     app.add_exception_handler(Exception, on_unexpected)

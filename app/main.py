@@ -178,6 +178,7 @@ def create_app(
                     log.error("webhooks.stop_timed_out")
                 await deliverer.aclose()
                 await archiver.aclose()
+                await app.state.gateway.predictions.deferred.aclose()
         finally:
             if registry is not None:
                 await registry.aclose()

@@ -241,6 +241,8 @@ class Reconciler:
             )).all())
         resolved = 0
         for prediction_id in ids:
+            if self._service.deferred.holds(prediction_id):
+                continue  # its own create is still writing its outcome, waiting for the database
             await self._foreground.give_way()
             if await self._service.force_finish(
                 prediction_id, status="failed", reason=IN_DOUBT_REASON, only_unlinked=True

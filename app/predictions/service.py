@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 from sqlalchemy import and_, insert, or_, select, update
@@ -25,9 +25,10 @@ from app.accounting import service as accounting
 from app.accounting.limits import SharedLimits
 from app.columns import utcnow
 from app.config import PriceRule, Settings
-from app.db import HotReads, Prepared, Transactions, detached
+from app.db import HotReads, Prepared, Transactions, database_unavailable, detached
 from app.errors import (
     Conflict,
+    DatabaseUnavailable,
     Forbidden,
     GatewayError,
     NotFound,
@@ -40,6 +41,7 @@ from app.errors import (
 from app.expiring import ExpiringCache
 from app.groups import service as groups
 from app.predictions import cursor as cursors
+from app.predictions.deferred import DeferredWrites
 from app.predictions.models import PREDICTIONS, TERMINAL_STATUSES, Prediction, Submission
 from app.predictions.recording import UNKNOWN_MODEL, NotLinked, PredictionRecorder
 from app.tokens.models import ApiToken
@@ -129,6 +131,12 @@ def _unchanged(row: Prediction, reply: UpstreamPrediction) -> bool:
     )
 
 
+def _copy(row: Prediction) -> Prediction:
+    """Another session-less object with a session-less row's values."""
+    return detached(Prediction, **{name: value for name, value in row.__dict__.items()
+                                   if not name.startswith("_sa_")})
+
+
 def _note_health(upstream: Upstream, error: GatewayError) -> None:
     """Failures of the upstream itself count towards its breaker; its answers to callers do not."""
     if error.status >= 500:
@@ -155,6 +163,8 @@ class PredictionService(PredictionRecorder):
                          limits=limits)
         self._read_sessions = read_sessions
         self._hot_reads = hot_reads
+        # A create's own writes that met the database away, retried until they land.
+        self.deferred = DeferredWrites()
         # Final predictions, which clients poll again and again, served without a database read,
         # each with its answer as already rendered for the public bases it was asked through.
         self._finals: OrderedDict[str, Prediction] = OrderedDict()
@@ -280,8 +290,13 @@ class PredictionService(PredictionRecorder):
             if replayed is None:
                 raise Conflict("A request with this Idempotency-Key is in progress") from None
             return replayed, True
-        except BaseException:
+        except BaseException as error:
             await self._limits.undo(held)
+            if isinstance(error, Exception) and database_unavailable(error):
+                # The admission may have committed without its answer reaching us: a row that
+                # was never sent must be released, not left for the reconciler to charge.
+                self._reject_later(prediction, "The gateway's database was unavailable")
+                raise DatabaseUnavailable() from None
             raise
 
         # The client's webhook stays with us; the upstream may get our own inbound URL instead.
@@ -295,7 +310,13 @@ class PredictionService(PredictionRecorder):
                 continue
             if upstream.name != prediction.upstream:
                 # Recorded before forwarded, again: the row names the upstream about to get it.
-                await self._move(prediction, upstream, rule)
+                try:
+                    await self._move(prediction, upstream, rule)
+                except Exception as error:
+                    if not database_unavailable(error):
+                        raise
+                    self._reject_later(prediction, "The gateway's database was unavailable")
+                    raise DatabaseUnavailable() from None
             try:
                 data = await upstream.client.create_prediction(
                     target.path_for(upstream), forwarded, prefer=prefer, cancel_after=cancel_after,
@@ -346,7 +367,23 @@ class PredictionService(PredictionRecorder):
             raise Conflict("A request with this Idempotency-Key is in progress")
         return await self.get(token, row.id)
 
+    def _reject_later(self, prediction: Prediction, reason: str) -> None:
+        self.deferred.add("rejection", prediction.id,
+                          lambda: self._write_failed_create(prediction, reason, maybe_sent=False))
+
     async def _record_failed_create(self, prediction: Prediction, reason: str, maybe_sent: bool) -> None:
+        """Record that a create did not go through; with the database away, a create that was
+        certainly not sent is released later, and one that may have been is left pending, which
+        the reconciler treats as it would have treated it marked unknown."""
+        try:
+            await self._write_failed_create(prediction, reason, maybe_sent)
+        except Exception as error:
+            if not database_unavailable(error):
+                raise
+            if not maybe_sent:
+                self._reject_later(prediction, reason)
+
+    async def _write_failed_create(self, prediction: Prediction, reason: str, maybe_sent: bool) -> None:
         pending = (PREDICTIONS.c.id == prediction.id, PREDICTIONS.c.submission == Submission.PENDING)
         if maybe_sent:
             # In doubt: the reservation stays until the reconciler resolves it.
@@ -379,17 +416,43 @@ class PredictionService(PredictionRecorder):
         link = {"upstream_id": reply.id, "submission": Submission.ACCEPTED,
                 "next_poll_at": now + timedelta(seconds=FIRST_POLL_SECONDS)}
         try:
+            return await self._link(prediction, reply, link)
+        except Exception as error:
+            if not database_unavailable(error):
+                raise
+        # The upstream has the prediction: answer with it, as the upstream described it, and
+        # link it once the database is back. Answering an error instead would invite a second
+        # create, and leave the caller without the id of a prediction that runs. (A failed
+        # attempt leaves `prediction` as it was: only a recorded state is copied onto it.)
+        self.deferred.add("link", prediction.id, lambda: self._link(prediction, reply, link))
+        answer = _copy(prediction)
+        answer.__dict__.update(self._state_values(reply, prediction.upstream, now))
+        if reply.status in TERMINAL_STATUSES:
+            answer.completed_at = reply.completed_at or now
+        return answer
+
+    async def _link(self, prediction: Prediction, reply: UpstreamPrediction, link: dict[str, Any]) -> Prediction:
+        try:
             # Linking and the first state are one transaction: a create costs two, not three.
             row = await self.apply_upstream_state(prediction.id, reply, first=True, known=prediction,
                                                   upstream_name=prediction.upstream, link=link)
-        except (IntegrityError, NotLinked):
-            # The upstream handed out an id we already hold for another prediction:
-            # never link two of our rows to one upstream prediction.
-            log.error("upstream.unlinkable_create", extra={"prediction_id": prediction.id})
-            await self._record_failed_create(prediction, "invalid upstream response", maybe_sent=True)
-            raise UpstreamInvalid() from None
+        except NotLinked:
+            # An earlier attempt may have committed without its answer reaching us.
+            current = await self._hot_reads.get(Prediction, prediction.id)
+            if current is not None and current.upstream_id == reply.id:
+                return current
+            await self._unlinkable(prediction)
+        except IntegrityError:
+            await self._unlinkable(prediction)
         log.info("prediction.created", extra={"prediction_id": prediction.id, "upstream": prediction.upstream})
         return row
+
+    async def _unlinkable(self, prediction: Prediction) -> NoReturn:
+        # The upstream handed out an id we already hold for another prediction, or the row was
+        # resolved without it meanwhile: never link two of our rows to one upstream prediction.
+        log.error("upstream.unlinkable_create", extra={"prediction_id": prediction.id})
+        await self._record_failed_create(prediction, "invalid upstream response", maybe_sent=True)
+        raise UpstreamInvalid() from None
 
     async def by_stream_capability(self, prediction_id: str) -> Prediction | None:
         """A prediction for its stream URL (the capability was checked by the caller)."""
@@ -467,13 +530,21 @@ class PredictionService(PredictionRecorder):
         for upstreams that ignore `Prefer: wait`."""
         loop = asyncio.get_running_loop()
         row = prediction
-        while not row.is_terminal:
+        # An unlinked one (its link still waiting for the database) has nothing to refresh from.
+        while not row.is_terminal and row.upstream_id is not None:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
             await asyncio.sleep(min(self._settings.stream_poll_interval, remaining))
             if loop.time() < deadline:
-                row = await self.refreshed(row)
+                try:
+                    row = await self.refreshed(row)
+                except Exception as error:
+                    if not database_unavailable(error):
+                        raise
+                    # The create is recorded and linked: its last state, not an error that
+                    # would invite a second create.
+                    break
         return row
 
     async def refreshed(self, row: Prediction) -> Prediction:

@@ -149,7 +149,8 @@ class FakeRelay:
         method: str | None = None,
         **params: Any,
     ) -> None:
-        """Make the next `count` matching requests misbehave as `kind` (see FAULT_KINDS)."""
+        """Make the next `count` matching requests misbehave as `kind` (see FAULT_KINDS), each
+        after `after_seconds=` if given ("hang" takes `seconds=` and then answers normally)."""
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}")
         if kind == "status" and "status" not in params:
@@ -328,6 +329,8 @@ class FakeRelay:
             await send({"type": "http.response.body", "body": payload})
 
         if fault is not None and fault.kind != "hang":
+            # `after_seconds`: a fault that comes only after the upstream seemed to be working on it.
+            await self._sleep(float(fault.params.get("after_seconds", 0)))
             await self._misbehave(fault, path, send, reply, call)
             return
         if fault is not None:

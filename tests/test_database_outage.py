@@ -1,0 +1,268 @@
+"""The database away: callers get a 503 they may retry, nothing goes upstream unrecorded, and what a
+create could not write while it was away is written once it is back."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import replicate
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from app import sqlite_inline
+from app.db import database_unavailable
+from app.main import create_app
+from app.predictions.deferred import DeferredWrites
+from tests.conftest import make_settings
+from tests.dbtools import create_token, rows, token_row, truncate_all
+from tests.fakes.relay import FakeRelay
+from tests.fakes.tcp_cut import CuttableLink
+from tests.helpers import assert_problem, wait_terminal
+from tests.invariants import check_all
+from tests.servers import ServerThread
+
+MODEL_PATH = "/models/black-forest-labs/flux-schnell/predictions"
+
+
+@dataclass
+class Cuttable:
+    """A gateway whose only way to PostgreSQL is a link the test can cut."""
+
+    api: httpx.Client
+    link: CuttableLink
+    db_url: str
+    secret: str
+    url: str
+
+
+@pytest.fixture
+def cuttable(postgres_migrated: str, relay: FakeRelay, tmp_path: Path) -> Iterator[Cuttable]:
+    truncate_all(postgres_migrated)
+    port = httpx.URL(postgres_migrated.replace("postgresql://", "http://", 1)).port or 5432
+    with CuttableLink(port) as link:
+        through_link = postgres_migrated.replace(f":{port}/", f":{link.port}/", 1)
+        # Auth read from the database on every request, so a cut is seen at once.
+        settings = make_settings(through_link, relay.upstream_url, relay.key, storage_dir=tmp_path / "storage",
+                                 auth_cache_seconds=0)
+        server = ServerThread(create_app(settings)).start()
+        secret = create_token(postgres_migrated, "team-a")
+        try:
+            with httpx.Client(base_url=server.url + "/replicate/v1", timeout=30,
+                              headers={"Authorization": f"Bearer {secret}"}) as api:
+                yield Cuttable(api, link, postgres_migrated, secret, server.url)
+        finally:
+            link.restore()
+            server.stop()
+    check_all(postgres_migrated, relay)
+
+
+def _row(db_url: str, prediction_id: str) -> dict[str, Any]:
+    return next(row for row in rows(db_url, "prediction") if row["id"] == prediction_id)
+
+
+def test_requests_while_the_database_is_away_get_a_503_and_nothing_goes_upstream(
+    cuttable: Cuttable, relay: FakeRelay
+) -> None:
+    api = cuttable.api
+    created = api.post(MODEL_PATH, json={"input": {"prompt": "before"}})
+    assert created.status_code == 201, created.text
+    prediction_id = created.json()["id"]
+    cuttable.link.cut()
+    for response in (
+        api.post(MODEL_PATH, json={"input": {"prompt": "during"}}),
+        api.post("/predictions", json={"version": "black-forest-labs/flux-schnell", "input": {"prompt": "during"}}),
+        api.get(f"/predictions/{prediction_id}"),
+        api.get("/predictions"),
+        api.post(f"/predictions/{prediction_id}/cancel"),
+    ):
+        body = assert_problem(response, 503)
+        assert response.headers["retry-after"] == "3"
+        assert "database" in body["detail"]
+    assert len(relay.creates()) == 1
+    cuttable.link.restore()
+    again = api.post(MODEL_PATH, json={"input": {"prompt": "after"}})
+    assert again.status_code == 201, again.text
+    assert wait_terminal(api, prediction_id)["status"] == "succeeded"
+    assert wait_terminal(api, again.json()["id"])["status"] == "succeeded"
+    assert len(rows(cuttable.db_url, "prediction")) == 2
+    assert token_row(cuttable.db_url, "team-a")["in_flight"] == 0
+
+
+def test_the_python_client_retries_a_get_through_an_outage(cuttable: Cuttable) -> None:
+    client = replicate.Client(api_token=cuttable.secret, base_url=cuttable.url + "/replicate")
+    prediction = client.predictions.create(model="black-forest-labs/flux-schnell", input={"prompt": "x"})
+    cuttable.link.cut()
+    threading.Timer(1.0, cuttable.link.restore).start()
+    started = time.monotonic()
+    fetched = client.predictions.get(prediction.id)
+    # Retried once, after the Retry-After the 503 gave.
+    assert fetched.id == prediction.id
+    assert time.monotonic() - started >= 2.5
+
+
+def test_a_create_the_upstream_accepted_as_the_database_went_away_is_answered_and_linked_once_it_is_back(
+    cuttable: Cuttable, relay: FakeRelay
+) -> None:
+    api = cuttable.api
+    # The relay takes 0.8 s to accept; the database goes away meanwhile.
+    relay.fail_next("hang", seconds=0.8, method="POST", path_contains="/predictions")
+    threading.Timer(0.3, cuttable.link.cut).start()
+    created = api.post(MODEL_PATH, json={"input": {"prompt": "during"}})
+    assert created.status_code == 201, created.text
+    answer = created.json()
+    assert answer["status"] == "starting"
+    assert answer["urls"]["get"].startswith(cuttable.url)
+    assert len(relay.creates()) == 1
+    assert_problem(api.get(f"/predictions/{answer['id']}"), 503)
+    row = _row(cuttable.db_url, answer["id"])
+    assert (row["submission"], row["upstream_id"]) == ("pending", None)
+    cuttable.link.restore()
+    assert wait_terminal(api, answer["id"])["status"] == "succeeded"
+    row = _row(cuttable.db_url, answer["id"])
+    assert row["upstream_id"] == relay.creates()[0].prediction_id
+    assert row["cost_micros"] == 6000
+
+
+def test_a_sync_create_whose_wait_meets_the_database_away_is_answered_with_its_last_state(
+    cuttable: Cuttable, relay: FakeRelay
+) -> None:
+    relay.honour_prefer = False  # the gateway polls the upstream itself until the wait ends
+    threading.Timer(0.4, cuttable.link.cut).start()
+    created = cuttable.api.post(MODEL_PATH, json={"input": {"prompt": "wait"}}, headers={"Prefer": "wait=5"})
+    assert created.status_code == 201, created.text
+    assert created.json()["status"] == "starting"
+    assert len(relay.creates()) == 1
+    cuttable.link.restore()
+    assert wait_terminal(cuttable.api, created.json()["id"])["status"] == "succeeded"
+
+
+def test_a_create_the_upstream_refused_while_the_database_was_away_is_released_once_it_is_back(
+    cuttable: Cuttable, relay: FakeRelay
+) -> None:
+    api = cuttable.api
+    relay.fail_next("status", status=422, after_seconds=0.8, method="POST", path_contains="/predictions")
+    threading.Timer(0.3, cuttable.link.cut).start()
+    refused = api.post(MODEL_PATH, json={"input": {"prompt": "during"}})
+    assert_problem(refused, 422)
+    [row] = rows(cuttable.db_url, "prediction")
+    assert row["submission"] == "pending"
+    cuttable.link.restore()
+    deadline = time.monotonic() + 10
+    while _row(cuttable.db_url, row["id"])["submission"] == "pending" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    row = _row(cuttable.db_url, row["id"])
+    assert (row["submission"], row["status"], row["cost_micros"]) == ("rejected", "failed", 0)
+    token = token_row(cuttable.db_url, "team-a")
+    assert (token["in_flight"], token["reserved_micros"], token["spent_micros"]) == (0, 0, 0)
+
+
+def test_a_create_that_waited_out_sqlites_lock_gets_a_503(
+    tmp_path: Path, sqlite_template: Path, relay: FakeRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "gateway.db"
+    path.write_bytes(sqlite_template.read_bytes())
+    db_url = f"sqlite:///{path}"
+    monkeypatch.setattr(sqlite_inline, "LOCK_WAIT_SECONDS", 0.3)
+    server = ServerThread(create_app(make_settings(db_url, relay.upstream_url, relay.key,
+                                                   storage_dir=tmp_path / "storage"))).start()
+    secret = create_token(db_url, "team-a")
+    other_process = sqlite3.connect(path, isolation_level=None)
+    try:
+        with httpx.Client(base_url=server.url + "/replicate/v1", timeout=30,
+                          headers={"Authorization": f"Bearer {secret}"}) as api:
+            other_process.execute("BEGIN IMMEDIATE")
+            refused = api.post(MODEL_PATH, json={"input": {"prompt": "locked"}})
+            assert_problem(refused, 503)
+            assert refused.headers["retry-after"] == "3"
+            assert relay.creates() == []
+            other_process.execute("ROLLBACK")
+            created = api.post(MODEL_PATH, json={"input": {"prompt": "free"}})
+            assert created.status_code == 201, created.text
+            wait_terminal(api, created.json()["id"])
+    finally:
+        other_process.close()
+        server.stop()
+    assert len(rows(db_url, "prediction")) == 1
+    check_all(db_url, relay)
+
+
+class _AsyncpgLike(Exception):
+    def __init__(self, sqlstate: str) -> None:
+        super().__init__(sqlstate)
+        self.sqlstate = sqlstate
+
+
+@pytest.mark.parametrize(("error", "unavailable"), [
+    (ConnectionRefusedError(111, "refused"), True),
+    (ConnectionResetError(104, "reset"), True),
+    (TimeoutError(), True),
+    (PoolTimeout("QueuePool limit reached"), True),
+    (_AsyncpgLike("57P01"), True),  # the server is shutting down
+    (_AsyncpgLike("08006"), True),  # the connection failed
+    (_AsyncpgLike("53300"), True),  # too many connections
+    (OperationalError("SELECT 1", {}, sqlite3.OperationalError("database is locked")), True),
+    (OperationalError("SELECT 1", {}, sqlite3.OperationalError("no such table: prediction")), False),
+    (OperationalError("SELECT 1", {}, _AsyncpgLike("42P01")), False),  # no such table
+    (IntegrityError("INSERT", {}, _AsyncpgLike("23505")), False),
+    (FileNotFoundError(2, "missing"), False),
+    (ValueError("bad"), False),
+])
+def test_what_counts_as_the_database_being_away(error: BaseException, unavailable: bool) -> None:
+    assert database_unavailable(error) is unavailable
+
+
+def test_a_lost_connection_counts_as_the_database_being_away() -> None:
+    error = OperationalError("SELECT 1", {}, _AsyncpgLike("XX000"), connection_invalidated=True)
+    assert database_unavailable(error)
+
+
+async def test_a_deferred_write_is_retried_while_the_database_is_away_and_only_then() -> None:
+    deferred = DeferredWrites(first_pause=0.01)
+    attempts: list[str] = []
+
+    async def write_after_two_refusals() -> None:
+        attempts.append("a")
+        if attempts.count("a") < 3:
+            raise ConnectionRefusedError(111, "refused")
+
+    async def write_with_a_bug() -> None:
+        attempts.append("b")
+        raise ValueError("not the database")
+
+    deferred.add("link", "a", write_after_two_refusals)
+    deferred.add("link", "b", write_with_a_bug)
+    assert deferred.holds("a")
+    assert deferred.holds("b")
+    deadline = time.monotonic() + 5
+    while len(deferred) and time.monotonic() < deadline:
+        await _tick()
+    assert attempts.count("a") == 3
+    assert attempts.count("b") == 1
+    assert not deferred.holds("a")
+
+
+async def test_deferred_writes_still_waiting_are_given_up_on_close(caplog: pytest.LogCaptureFixture) -> None:
+    deferred = DeferredWrites(first_pause=0.01)
+
+    async def never_lands() -> None:
+        raise ConnectionRefusedError(111, "refused")
+
+    deferred.add("rejection", "p1", never_lands)
+    await _tick()
+    await deferred.aclose()
+    assert len(deferred) == 0
+    assert any(getattr(record, "prediction_id", None) == "p1" and record.msg == "database.deferred_write_abandoned"
+               for record in caplog.records)
+
+
+async def _tick() -> None:
+    await asyncio.sleep(0.02)
