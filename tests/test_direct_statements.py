@@ -4,7 +4,9 @@ with Core's values, rows and errors; the pool's connections kept, replaced or wa
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -109,8 +111,13 @@ def test_a_connection_the_server_closed_is_replaced(db_url: str) -> None:
         await asyncio.sleep(0.2)  # the loop reads the end of the closed connection
         return first, int(await direct.scalar(select(func.pg_backend_pid()), {}))
 
-    first, second = _run(db_url, scenario, pool_size=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first, second = _run(db_url, scenario, pool_size=1)
+        gc.collect()
     assert second != first
+    # Replacing it from outside a greenlet first is refused; that must leave no connect coroutine behind.
+    assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
 
 
 def test_a_cancelled_statement_closes_its_connection_and_the_next_one_runs_on_a_new_one(db_url: str) -> None:
