@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from app.db import database_unavailable
@@ -22,23 +23,21 @@ class DeferredWrites:
 
     def __init__(self, *, first_pause: float = FIRST_PAUSE_SECONDS) -> None:
         self._first_pause = first_pause
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tasks: dict[asyncio.Task[None], str] = {}
+        self._held = Counter[str]()
 
     def add(self, what: str, prediction_id: str, write: Callable[[], Awaitable[object]]) -> None:
-        """Retry `write` in the background; one write a prediction at a time (a later one replaces
-        an earlier, which the later supersedes)."""
-        earlier = self._tasks.pop(prediction_id, None)
-        if earlier is not None:
-            earlier.cancel()
+        """Retry `write`, a write of this prediction, in the background."""
         log.warning("database.write_deferred", extra={"what": what, "prediction_id": prediction_id})
         task = asyncio.get_running_loop().create_task(self._retry(what, prediction_id, write),
                                                       name=f"deferred {what}")
-        self._tasks[prediction_id] = task
-        task.add_done_callback(lambda done: self._forget(prediction_id, done))
+        self._tasks[task] = prediction_id
+        self._held[prediction_id] += 1
+        task.add_done_callback(self._forget)
 
     def holds(self, prediction_id: str) -> bool:
         """Whether a write of this prediction is still waiting for the database."""
-        return prediction_id in self._tasks
+        return prediction_id in self._held
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -59,14 +58,16 @@ class DeferredWrites:
             log.info("database.deferred_write_done", extra={"what": what, "prediction_id": prediction_id})
             return
 
-    def _forget(self, prediction_id: str, done: asyncio.Task[None]) -> None:
-        if self._tasks.get(prediction_id) is done:
-            del self._tasks[prediction_id]
+    def _forget(self, done: asyncio.Task[None]) -> None:
+        prediction_id = self._tasks.pop(done)
+        self._held[prediction_id] -= 1
+        if not self._held[prediction_id]:
+            del self._held[prediction_id]
 
     async def aclose(self) -> None:
         """Stop retrying; log each write given up."""
-        for prediction_id, task in list(self._tasks.items()):
+        tasks = list(self._tasks.items())
+        for task, prediction_id in tasks:
             task.cancel()
             log.error("database.deferred_write_abandoned", extra={"prediction_id": prediction_id})
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-        self._tasks.clear()
+        await asyncio.gather(*(task for task, _ in tasks), return_exceptions=True)
