@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import replicate
+from sqlalchemy import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -47,9 +48,9 @@ class Cuttable:
 @pytest.fixture
 def cuttable(postgres_migrated: str, relay: FakeRelay, tmp_path: Path) -> Iterator[Cuttable]:
     truncate_all(postgres_migrated)
-    port = httpx.URL(postgres_migrated.replace("postgresql://", "http://", 1)).port or 5432
-    with CuttableLink(port) as link:
-        through_link = postgres_migrated.replace(f":{port}/", f":{link.port}/", 1)
+    direct = make_url(postgres_migrated)
+    with CuttableLink(direct.port or 5432, direct.host or "127.0.0.1") as link:
+        through_link = direct.set(host="127.0.0.1", port=link.port).render_as_string(hide_password=False)
         # Auth read from the database on every request, so a cut is seen at once.
         settings = make_settings(through_link, relay.upstream_url, relay.key, storage_dir=tmp_path / "storage",
                                  auth_cache_seconds=0)
