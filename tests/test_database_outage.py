@@ -66,6 +66,22 @@ def cuttable(postgres_migrated: str, relay: FakeRelay, tmp_path: Path) -> Iterat
     check_all(postgres_migrated, relay)
 
 
+def _cut_once_the_relay_has_the_create(cuttable: Cuttable, relay: FakeRelay, *, then: float = 0.0) -> None:
+    """Cut the link to the database `then` seconds after a create reaches the relay: after its
+    admission committed, whatever the machine's speed."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if any(call.method == "POST" for call in relay.calls):
+                time.sleep(then)
+                cuttable.link.cut()
+                return
+            time.sleep(0.002)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _row(db_url: str, prediction_id: str) -> dict[str, Any]:
     return next(row for row in rows(db_url, "prediction") if row["id"] == prediction_id)
 
@@ -116,7 +132,7 @@ def test_a_create_the_upstream_accepted_as_the_database_went_away_is_answered_an
     api = cuttable.api
     # The relay takes 0.8 s to accept; the database goes away meanwhile.
     relay.fail_next("hang", seconds=0.8, method="POST", path_contains="/predictions")
-    threading.Timer(0.3, cuttable.link.cut).start()
+    _cut_once_the_relay_has_the_create(cuttable, relay)
     created = api.post(MODEL_PATH, json={"input": {"prompt": "during"}})
     assert created.status_code == 201, created.text
     answer = created.json()
@@ -137,7 +153,8 @@ def test_a_sync_create_whose_wait_meets_the_database_away_is_answered_with_its_l
     cuttable: Cuttable, relay: FakeRelay
 ) -> None:
     relay.honour_prefer = False  # the gateway polls the upstream itself until the wait ends
-    threading.Timer(0.4, cuttable.link.cut).start()
+    # After the create is linked, before the first poll that finds it processing.
+    _cut_once_the_relay_has_the_create(cuttable, relay, then=0.2)
     created = cuttable.api.post(MODEL_PATH, json={"input": {"prompt": "wait"}}, headers={"Prefer": "wait=5"})
     assert created.status_code == 201, created.text
     assert created.json()["status"] == "starting"
@@ -151,7 +168,7 @@ def test_a_create_the_upstream_refused_while_the_database_was_away_is_released_o
 ) -> None:
     api = cuttable.api
     relay.fail_next("status", status=422, after_seconds=0.8, method="POST", path_contains="/predictions")
-    threading.Timer(0.3, cuttable.link.cut).start()
+    _cut_once_the_relay_has_the_create(cuttable, relay)
     refused = api.post(MODEL_PATH, json={"input": {"prompt": "during"}})
     assert_problem(refused, 422)
     [row] = rows(cuttable.db_url, "prediction")
