@@ -268,18 +268,28 @@ async def test_a_deferred_write_is_retried_while_the_database_is_away_and_only_t
     assert not deferred.holds("a")
 
 
-async def test_deferred_writes_still_waiting_are_given_up_on_close(caplog: pytest.LogCaptureFixture) -> None:
-    deferred = DeferredWrites(first_pause=0.01)
+async def test_on_close_a_waiting_write_is_tried_once_more_and_given_up_only_if_it_fails(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    deferred = DeferredWrites(first_pause=30)  # both still pausing when the process stops
+    attempts: list[str] = []
+
+    async def lands() -> None:
+        attempts.append("lands")
 
     async def never_lands() -> None:
+        attempts.append("never")
         raise ConnectionRefusedError(111, "refused")
 
-    deferred.add("rejection", "p1", never_lands)
+    deferred.add("link", "p1", lands)
+    deferred.add("rejection", "p2", never_lands)
     await _tick()
     await deferred.aclose()
+    assert sorted(attempts) == ["lands", "never"]
     assert len(deferred) == 0
-    assert any(getattr(record, "prediction_id", None) == "p1" and record.msg == "database.deferred_write_abandoned"
-               for record in caplog.records)
+    abandoned = [getattr(record, "prediction_id", None) for record in caplog.records
+                 if record.msg == "database.deferred_write_abandoned"]
+    assert abandoned == ["p2"]
 
 
 async def _tick() -> None:
