@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from collections.abc import Mapping
 from typing import Any, ClassVar, cast
 
@@ -249,12 +250,38 @@ async def on_unexpected(request: Request, exc: Exception) -> Response:
     return problem_response(GatewayError("An unexpected error occurred"))
 
 
+class _Sparse:
+    """Lets an event through at most once every `seconds`, and counts those held back meanwhile."""
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._last = -seconds
+        self._held_back = 0
+
+    def take(self) -> int | None:
+        """None to stay quiet; else how many were held back since the last one let through."""
+        now = time.monotonic()
+        if now - self._last < self._seconds:
+            self._held_back += 1
+            return None
+        held_back, self._held_back, self._last = self._held_back, 0, now
+        return held_back
+
+
+# Every request fails alike while the database is away: one line every few seconds says so
+# without a line per request.
+_OUTAGE_LINES = _Sparse(5.0)
+
+
 async def on_database_error(request: Request, exc: Exception) -> Response:
     """The database being away is a 503 the caller may retry; any other database error is a bug."""
     if not database_unavailable(exc):
         return await on_unexpected(request, exc)
-    # The type alone: a driver's message may name the database's host and user.
-    log.warning("database.unavailable", extra={"path": request.url.path, "error": type(exc).__name__})
+    held_back = _OUTAGE_LINES.take()
+    if held_back is not None:
+        # The type alone: a driver's message may name the database's host and user.
+        log.warning("database.unavailable", extra={
+            "path": request.url.path, "error": type(exc).__name__, "also_unavailable_since_last": held_back})
     return problem_response(DatabaseUnavailable())
 
 

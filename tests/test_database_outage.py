@@ -87,7 +87,7 @@ def _row(db_url: str, prediction_id: str) -> dict[str, Any]:
 
 
 def test_requests_while_the_database_is_away_get_a_503_and_nothing_goes_upstream(
-    cuttable: Cuttable, relay: FakeRelay
+    cuttable: Cuttable, relay: FakeRelay, caplog: pytest.LogCaptureFixture
 ) -> None:
     api = cuttable.api
     created = api.post(MODEL_PATH, json={"input": {"prompt": "before"}})
@@ -105,6 +105,8 @@ def test_requests_while_the_database_is_away_get_a_503_and_nothing_goes_upstream
         assert response.headers["retry-after"] == "3"
         assert "database" in body["detail"]
     assert len(relay.creates()) == 1
+    # Not a line per request: one every few seconds.
+    assert len([record for record in caplog.records if record.msg == "database.unavailable"]) <= 1
     cuttable.link.restore()
     again = api.post(MODEL_PATH, json={"input": {"prompt": "after"}})
     assert again.status_code == 201, again.text
