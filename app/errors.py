@@ -128,8 +128,8 @@ class Throttled(GatewayError):
 
 
 class DatabaseUnavailable(GatewayError):
-    """The database could not be reached or could not take the request now; nothing was sent
-    upstream for it, so trying again is safe."""
+    """The database could not be reached or could not take the request now. A create answered so
+    has sent nothing upstream: trying it again cannot run it twice."""
 
     status, title = 503, "Service Unavailable"
     # Python's client waits exactly this long between its retries of a GET, ten times in all:
