@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -48,7 +47,6 @@ class DeferredWrites:
     def __init__(self, *, first_pause: float = FIRST_PAUSE_SECONDS) -> None:
         self._first_pause = first_pause
         self._tasks: dict[asyncio.Task[None], _Write] = {}
-        self._held = Counter[str]()
 
     def add(self, what: str, prediction_id: str, write: Callable[[], Awaitable[object]]) -> None:
         """Retry `write`, a write of this prediction, in the background."""
@@ -56,12 +54,12 @@ class DeferredWrites:
         deferred = _Write(what, prediction_id, write)
         task = asyncio.get_running_loop().create_task(self._retry(deferred), name=f"deferred {what}")
         self._tasks[task] = deferred
-        self._held[prediction_id] += 1
-        task.add_done_callback(self._forget)
+        task.add_done_callback(self._tasks.pop)
 
     def holds(self, prediction_id: str) -> bool:
         """Whether a write of this prediction is still waiting for the database."""
-        return prediction_id in self._held
+        # Writes wait only while the database is away, so there are few of them to look through.
+        return any(deferred.prediction_id == prediction_id for deferred in self._tasks.values())
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -73,12 +71,6 @@ class DeferredWrites:
             if await deferred.attempt():
                 return
             pause = min(pause * 2, LONGEST_PAUSE_SECONDS)
-
-    def _forget(self, done: asyncio.Task[None]) -> None:
-        prediction_id = self._tasks.pop(done).prediction_id
-        self._held[prediction_id] -= 1
-        if not self._held[prediction_id]:
-            del self._held[prediction_id]
 
     async def aclose(self, *, last_attempt_seconds: float = LAST_ATTEMPT_SECONDS) -> None:
         """Stop retrying, try each write still waiting once more (for at most

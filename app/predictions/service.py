@@ -293,10 +293,8 @@ class PredictionService(PredictionRecorder):
         except BaseException as error:
             await self._limits.undo(held)
             if isinstance(error, Exception) and database_unavailable(error):
-                # The admission may have committed without its answer reaching us: a row that
-                # was never sent must be released, not left for the reconciler to charge.
-                self._reject_later(prediction, "The gateway's database was unavailable")
-                raise DatabaseUnavailable() from None
+                # The admission may have committed without its answer reaching us.
+                raise self._database_away(prediction) from None
             raise
 
         # The client's webhook stays with us; the upstream may get our own inbound URL instead.
@@ -315,8 +313,7 @@ class PredictionService(PredictionRecorder):
                 except Exception as error:
                     if not database_unavailable(error):
                         raise
-                    self._reject_later(prediction, "The gateway's database was unavailable")
-                    raise DatabaseUnavailable() from None
+                    raise self._database_away(prediction) from None
             try:
                 data = await upstream.client.create_prediction(
                     target.path_for(upstream), forwarded, prefer=prefer, cancel_after=cancel_after,
@@ -366,6 +363,12 @@ class PredictionService(PredictionRecorder):
         if row.submission == Submission.PENDING:
             raise Conflict("A request with this Idempotency-Key is in progress")
         return await self.get(token, row.id)
+
+    def _database_away(self, prediction: Prediction) -> DatabaseUnavailable:
+        """The answer to a create that met the database away before it was sent. Its row, if one
+        was written, is released once the database is back, not left for the reconciler to charge."""
+        self._reject_later(prediction, "The gateway's database was unavailable")
+        return DatabaseUnavailable()
 
     def _reject_later(self, prediction: Prediction, reason: str) -> None:
         self.deferred.add("rejection", prediction.id,
