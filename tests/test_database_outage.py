@@ -86,6 +86,17 @@ def _row(db_url: str, prediction_id: str) -> dict[str, Any]:
     return next(row for row in rows(db_url, "prediction") if row["id"] == prediction_id)
 
 
+def _assert_released_once_the_database_is_back(cuttable: Cuttable, prediction_id: str) -> None:
+    """The pending row is rejected, at no cost, and the token's counters are back to zero."""
+    deadline = time.monotonic() + 10
+    while _row(cuttable.db_url, prediction_id)["submission"] == "pending" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    row = _row(cuttable.db_url, prediction_id)
+    assert (row["submission"], row["status"], row["cost_micros"]) == ("rejected", "failed", 0)
+    token = token_row(cuttable.db_url, "team-a")
+    assert (token["in_flight"], token["reserved_micros"], token["spent_micros"]) == (0, 0, 0)
+
+
 def test_requests_while_the_database_is_away_get_a_503_and_nothing_goes_upstream(
     cuttable: Cuttable, relay: FakeRelay, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -176,13 +187,24 @@ def test_a_create_the_upstream_refused_while_the_database_was_away_is_released_o
     [row] = rows(cuttable.db_url, "prediction")
     assert row["submission"] == "pending"
     cuttable.link.restore()
-    deadline = time.monotonic() + 10
-    while _row(cuttable.db_url, row["id"])["submission"] == "pending" and time.monotonic() < deadline:
-        time.sleep(0.05)
-    row = _row(cuttable.db_url, row["id"])
-    assert (row["submission"], row["status"], row["cost_micros"]) == ("rejected", "failed", 0)
-    token = token_row(cuttable.db_url, "team-a")
-    assert (token["in_flight"], token["reserved_micros"], token["spent_micros"]) == (0, 0, 0)
+    _assert_released_once_the_database_is_back(cuttable, row["id"])
+
+
+def test_a_create_whose_admission_committed_without_its_answer_gets_a_503_and_is_released_once_the_database_is_back(
+    cuttable: Cuttable, relay: FakeRelay
+) -> None:
+    # The admission (row, reservation and the token's counters in one statement) commits, and
+    # the link goes down before its answer arrives: the gateway cannot know it landed.
+    cuttable.link.cut_once_answered(b"WITH admitted AS")
+    refused = cuttable.api.post(MODEL_PATH, json={"input": {"prompt": "lost answer"}})
+    assert_problem(refused, 503)
+    assert relay.creates() == []
+    [row] = rows(cuttable.db_url, "prediction")
+    assert row["submission"] == "pending"
+    assert token_row(cuttable.db_url, "team-a")["in_flight"] == 1
+    cuttable.link.restore()
+    _assert_released_once_the_database_is_back(cuttable, row["id"])
+    assert relay.creates() == []
 
 
 def test_a_create_that_waited_out_sqlites_lock_gets_a_503(

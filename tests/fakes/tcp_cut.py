@@ -20,6 +20,7 @@ class CuttableLink:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._cut = False
+        self._marker: bytes | None = None
         self.port = 0
 
     def start(self) -> Self:
@@ -33,6 +34,8 @@ class CuttableLink:
         self._call(self._close_all(stop_listening=True))
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     def cut(self) -> None:
         """Reset every forwarded connection and refuse new ones until `restore()`."""
@@ -42,6 +45,12 @@ class CuttableLink:
     def restore(self) -> None:
         """Forward new connections again."""
         self._cut = False
+
+    def cut_once_answered(self, marker: bytes) -> None:
+        """Cut every connection once PostgreSQL has run the next statement whose text holds
+        `marker` and is ready for the next query (its implicit transaction committed), before
+        any of its answer reaches the client: a commit whose answer is lost."""
+        self._marker = marker
 
     def __enter__(self) -> Self:
         return self.start()
@@ -74,12 +83,56 @@ class CuttableLink:
             return
         self._writers.update((writer, target_writer))
 
+        marked = asyncio.Event()
+
         async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 while data := await source.read(65536):
+                    if self._marker is not None and self._marker in data:
+                        self._marker = None
+                        marked.set()
                     sink.write(data)
                     await sink.drain()
             sink.transport.abort()
 
-        await asyncio.gather(pump(reader, target_writer), pump(target_reader, writer))
+        async def answers(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                while data := await source.read(65536):
+                    if marked.is_set():
+                        # The marked statement went out before this came back: its answer.
+                        await self._hold_back_the_answer(data, source, sink)
+                        return
+                    sink.write(data)
+                    await sink.drain()
+            sink.transport.abort()
+
+        await asyncio.gather(pump(reader, target_writer), answers(target_reader, writer))
         self._writers.difference_update((writer, target_writer))
+
+    async def _hold_back_the_answer(self, data: bytes, source: asyncio.StreamReader,
+                                    sink: asyncio.StreamWriter) -> None:
+        """Forward the server's messages up to the statement's result, hold back that and all
+        after it until ReadyForQuery ('Z'), which comes once its implicit transaction committed
+        (at the Sync that follows the statement); then cut everything."""
+        buffer = bytearray(data)
+        holding = False
+        while True:
+            while len(buffer) >= 5:
+                kind = buffer[0:1]
+                length = int.from_bytes(buffer[1:5], "big")
+                if len(buffer) < 1 + length:
+                    break
+                message, buffer = bytes(buffer[:1 + length]), buffer[1 + length:]
+                # Its first row (DataRow), or its end (CommandComplete, PortalSuspended).
+                holding = holding or kind in (b"D", b"C", b"s")
+                if holding and kind == b"Z":
+                    self._cut = True
+                    await self._close_all(stop_listening=False)
+                    return
+                if not holding:
+                    sink.write(message)
+            await sink.drain()
+            more = await source.read(65536)
+            if not more:
+                return
+            buffer += more
