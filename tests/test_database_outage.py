@@ -4,6 +4,7 @@ create could not write while it was away is written once it is back."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
 import time
@@ -21,7 +22,9 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app import sqlite_inline
 from app.db import database_unavailable
+from app.jobs import reconciler as reconciler_module
 from app.main import create_app
+from app.predictions import service as service_module
 from app.predictions.deferred import DeferredWrites
 from tests.conftest import make_settings
 from tests.dbtools import create_token, rows, token_row, truncate_all
@@ -45,15 +48,15 @@ class Cuttable:
     url: str
 
 
-@pytest.fixture
-def cuttable(postgres_migrated: str, relay: FakeRelay, tmp_path: Path) -> Iterator[Cuttable]:
+@contextlib.contextmanager
+def _cuttable_gateway(postgres_migrated: str, relay: FakeRelay, tmp_path: Path, **overrides: Any) -> Iterator[Cuttable]:
     truncate_all(postgres_migrated)
     direct = make_url(postgres_migrated)
     with CuttableLink(direct.port or 5432, direct.host or "127.0.0.1") as link:
         through_link = direct.set(host="127.0.0.1", port=link.port).render_as_string(hide_password=False)
         # Auth read from the database on every request, so a cut is seen at once.
         settings = make_settings(through_link, relay.upstream_url, relay.key, storage_dir=tmp_path / "storage",
-                                 auth_cache_seconds=0)
+                                 auth_cache_seconds=0, **overrides)
         server = ServerThread(create_app(settings)).start()
         secret = create_token(postgres_migrated, "team-a")
         try:
@@ -62,8 +65,15 @@ def cuttable(postgres_migrated: str, relay: FakeRelay, tmp_path: Path) -> Iterat
                 yield Cuttable(api, link, postgres_migrated, secret, server.url)
         finally:
             link.restore()
+            link.refuse_statements(None)
             server.stop()
     check_all(postgres_migrated, relay)
+
+
+@pytest.fixture
+def cuttable(postgres_migrated: str, relay: FakeRelay, tmp_path: Path) -> Iterator[Cuttable]:
+    with _cuttable_gateway(postgres_migrated, relay, tmp_path) as gateway:
+        yield gateway
 
 
 def _cut_once_the_relay_has_the_create(cuttable: Cuttable, relay: FakeRelay, *, then: float = 0.0) -> None:
@@ -205,6 +215,30 @@ def test_a_create_whose_admission_committed_without_its_answer_gets_a_503_and_is
     cuttable.link.restore()
     _assert_released_once_the_database_is_back(cuttable, row["id"])
     assert relay.creates() == []
+
+
+def test_the_reconciler_leaves_alone_a_create_whose_link_is_still_waiting_for_the_database(
+    postgres_migrated: str, relay: FakeRelay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A create in doubt: no upstream id past its deadline. Its own create holds the upstream's
+    # id, waiting to write it; resolving it as lost meanwhile would fail a prediction that runs.
+    monkeypatch.setattr(service_module, "IN_DOUBT_MARGIN_SECONDS", 0.3)
+    monkeypatch.setattr(reconciler_module, "IN_DOUBT_MARGIN_SECONDS", 0.3)
+    with _cuttable_gateway(postgres_migrated, relay, tmp_path, connect_timeout=0.5, create_timeout=1.0,
+                           reconcile_interval=0.1) as gateway:
+        gateway.link.refuse_statements(b"UPDATE prediction SET upstream_id=")
+        created = gateway.api.post(MODEL_PATH, json={"input": {"prompt": "link later"}})
+        assert created.status_code == 201, created.text
+        prediction_id = created.json()["id"]
+        # Past its deadline (1.8 s) and through several of the reconciler's passes.
+        time.sleep(3.0)
+        row = _row(gateway.db_url, prediction_id)
+        assert (row["status"], row["submission"], row["upstream_id"]) == ("starting", "pending", None)
+        gateway.link.refuse_statements(None)
+        assert wait_terminal(gateway.api, prediction_id)["status"] == "succeeded"
+        row = _row(gateway.db_url, prediction_id)
+        assert row["upstream_id"] == relay.creates()[0].prediction_id
+        assert row["cost_micros"] == 6000
 
 
 def test_a_create_that_waited_out_sqlites_lock_gets_a_503(

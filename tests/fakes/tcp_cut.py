@@ -11,7 +11,9 @@ from typing import Self
 
 class CuttableLink:
     """Forwards connections to `target_port`. `cut()` resets every open connection and refuses new
-    ones (the port stays bound, so reconnecting fails fast); `restore()` accepts again."""
+    ones (the port stays bound, so reconnecting fails fast); `restore()` accepts again. For
+    PostgreSQL, `refuse_statements` resets the connections that send one statement, and
+    `cut_once_answered` cuts once a statement has committed, before its answer arrives."""
 
     def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
         self._target = (target_host, target_port)
@@ -21,6 +23,7 @@ class CuttableLink:
         self._writers: set[asyncio.StreamWriter] = set()
         self._cut = False
         self._marker: bytes | None = None
+        self._refused: bytes | None = None
         self.port = 0
 
     def start(self) -> Self:
@@ -45,6 +48,12 @@ class CuttableLink:
     def restore(self) -> None:
         """Forward new connections again."""
         self._cut = False
+
+    def refuse_statements(self, marker: bytes | None) -> None:
+        """Reset any connection that sends a statement whose text holds `marker` before it
+        reaches the server, until called again with None: one write that meets the database
+        away every time while every other statement goes through."""
+        self._refused = marker
 
     def cut_once_answered(self, marker: bytes) -> None:
         """Cut every connection once PostgreSQL has run the next statement whose text holds
@@ -88,6 +97,9 @@ class CuttableLink:
         async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 while data := await source.read(65536):
+                    if self._refused is not None and self._refused in data:
+                        writer.transport.abort()
+                        break
                     if self._marker is not None and self._marker in data:
                         self._marker = None
                         marked.set()
