@@ -121,10 +121,12 @@ class Registry:
         ordered: list[Upstream] = []
         for priority in sorted({u.config.priority for u in serving}, reverse=True):
             tier = [u for u in serving if u.config.priority == priority]
-            while tier:
+            while len(tier) > 1:
                 pick = self._rng.choices(tier, weights=[max(u.config.weight, 0.0001) for u in tier])[0]
                 ordered.append(pick)
                 tier.remove(pick)
+            # The last of a tier needs no draw: with one upstream, that is every create.
+            ordered.extend(tier)
         return ordered
 
     async def aclose(self) -> None:
