@@ -94,31 +94,31 @@ class CuttableLink:
 
         marked = asyncio.Event()
 
-        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        async def requests() -> None:
             with contextlib.suppress(OSError, asyncio.CancelledError):
-                while data := await source.read(65536):
+                while data := await reader.read(65536):
                     if self._refused is not None and self._refused in data:
                         writer.transport.abort()
                         break
                     if self._marker is not None and self._marker in data:
                         self._marker = None
                         marked.set()
-                    sink.write(data)
-                    await sink.drain()
-            sink.transport.abort()
+                    target_writer.write(data)
+                    await target_writer.drain()
+            target_writer.transport.abort()
 
-        async def answers(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        async def answers() -> None:
             with contextlib.suppress(OSError, asyncio.CancelledError):
-                while data := await source.read(65536):
+                while data := await target_reader.read(65536):
                     if marked.is_set():
                         # The marked statement went out before this came back: its answer.
-                        await self._hold_back_the_answer(data, source, sink)
+                        await self._hold_back_the_answer(data, target_reader, writer)
                         return
-                    sink.write(data)
-                    await sink.drain()
-            sink.transport.abort()
+                    writer.write(data)
+                    await writer.drain()
+            writer.transport.abort()
 
-        await asyncio.gather(pump(reader, target_writer), answers(target_reader, writer))
+        await asyncio.gather(requests(), answers())
         self._writers.difference_update((writer, target_writer))
 
     async def _hold_back_the_answer(self, data: bytes, source: asyncio.StreamReader,
