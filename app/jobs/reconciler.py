@@ -101,7 +101,11 @@ class Reconciler:
         # Polls run CONCURRENCY at a time, but their results are recorded RECORDING at a time:
         # a request's write transaction then waits behind a few settlements, not a whole batch.
         self._recording = asyncio.Semaphore(RECORDING)
-        self._lease = timedelta(seconds=settings.request_timeout + settings.connect_timeout + 5)
+        # Long enough for the slowest upstream's poll: a lease lapsing mid-poll lets another
+        # instance poll the same prediction.
+        longest_poll = max((u.client.longest_call_seconds() for u in registry.all),
+                           default=settings.request_timeout + settings.connect_timeout)
+        self._lease = timedelta(seconds=longest_poll + 5)
         self._keys_expired_at: datetime | None = None
         self._backlog = False
 

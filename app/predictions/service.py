@@ -225,8 +225,8 @@ class PredictionService(PredictionRecorder):
         ppm = groups.multiplier_of(group)
         rule = pricing.find_rule(self._prices, target.model) if target.model else None
         now = utcnow()
-        in_doubt_after = (self._settings.connect_timeout + self._settings.create_timeout
-                          + (wait or 0) + IN_DOUBT_MARGIN_SECONDS)
+        # Each upstream's own time-outs: the reconciler must not resolve a create still on its way.
+        in_doubt_after = candidates[0].client.longest_create_seconds(wait) + IN_DOUBT_MARGIN_SECONDS
         # Each key is a column: the same values make the object and the inserted row.
         values: dict[str, Any] = {
             "id": new_id(),
@@ -303,48 +303,63 @@ class PredictionService(PredictionRecorder):
             forwarded = {**forwarded, "webhook": hook, "webhook_events_filter": ["completed"]}
         refusal: GatewayError = UpstreamUnavailable("No upstream can take this prediction now")
         for upstream in candidates:
-            if not upstream.breaker.allow():
-                refusal = UpstreamCircuitOpen(int(upstream.breaker.cooldown))
+            breaker = upstream.breaker
+            if not breaker.allow():
+                refusal = UpstreamCircuitOpen(int(breaker.cooldown))
                 continue
-            if upstream.name != prediction.upstream:
-                # Recorded before forwarded, again: the row names the upstream about to get it.
-                try:
-                    await self._move(prediction, upstream, rule)
-                except Exception as error:
-                    if not database_unavailable(error):
-                        raise
-                    raise self._database_away(prediction) from None
+            # Allowed through a breaker that is not closed: this create is its one probe.
+            probe = breaker.opened_at is not None
             try:
-                data = await upstream.client.create_prediction(
-                    target.path_for(upstream), forwarded, prefer=prefer, cancel_after=cancel_after,
-                    wait_seconds=wait,
-                )
-                reply = parse_prediction(data)
-            except UpstreamFailure as failure:
-                _note_health(upstream, failure.error)
-                if _may_fail_over(upstream, failure):
-                    log.warning("upstream.failover", extra={"prediction_id": prediction.id, "upstream": upstream.name})
-                    refusal = failure.error
-                    continue
-                await self._record_failed_create(prediction, failure.error.detail, failure.maybe_sent)
-                raise failure.error from None
-            except InvalidUpstreamPrediction as exc:
-                upstream.breaker.failed()
-                log.warning("upstream.invalid_prediction", extra={"prediction_id": prediction.id, "reason": str(exc)})
-                await self._record_failed_create(prediction, "invalid upstream response", maybe_sent=True)
-                raise UpstreamInvalid() from None
-            upstream.breaker.succeeded()
-            return await self._record_accepted(prediction, reply), False
+                if upstream.name != prediction.upstream:
+                    # Recorded before forwarded, again: the row names the upstream about to get it.
+                    try:
+                        await self._move(prediction, upstream, rule, wait)
+                    except Exception as error:
+                        if not database_unavailable(error):
+                            raise
+                        raise self._database_away(prediction) from None
+                try:
+                    data = await upstream.client.create_prediction(
+                        target.path_for(upstream), forwarded, prefer=prefer, cancel_after=cancel_after,
+                        wait_seconds=wait,
+                    )
+                    reply = parse_prediction(data)
+                except UpstreamFailure as failure:
+                    _note_health(upstream, failure.error)
+                    if _may_fail_over(upstream, failure):
+                        log.warning("upstream.failover",
+                                    extra={"prediction_id": prediction.id, "upstream": upstream.name})
+                        refusal = failure.error
+                        continue
+                    await self._record_failed_create(prediction, failure.error.detail, failure.maybe_sent)
+                    raise failure.error from None
+                except InvalidUpstreamPrediction as exc:
+                    breaker.failed()
+                    log.warning("upstream.invalid_prediction",
+                                extra={"prediction_id": prediction.id, "reason": str(exc)})
+                    await self._record_failed_create(prediction, "invalid upstream response", maybe_sent=True)
+                    raise UpstreamInvalid() from None
+                breaker.succeeded()
+                return await self._record_accepted(prediction, reply), False
+            finally:
+                if probe:
+                    breaker.probe_ended()
         await self._record_failed_create(prediction, refusal.detail, maybe_sent=False)
         raise refusal
 
-    async def _move(self, prediction: Prediction, upstream: Upstream, rule: PriceRule | None) -> None:
+    async def _move(self, prediction: Prediction, upstream: Upstream, rule: PriceRule | None,
+                    wait: int | None) -> None:
+        now = utcnow()
         prediction.upstream = upstream.name
         prediction.bill_failures = (rule is not None and rule.bill_failures) or upstream.config.bill_failures
+        # The time taken on the upstreams before does not count against this one's deadline.
+        prediction.submit_deadline = now + timedelta(
+            seconds=upstream.client.longest_create_seconds(wait) + IN_DOUBT_MARGIN_SECONDS)
         statement = (
             update(PREDICTIONS)
             .where(PREDICTIONS.c.id == prediction.id, PREDICTIONS.c.submission == Submission.PENDING)
-            .values(upstream=upstream.name, bill_failures=prediction.bill_failures, updated_at=utcnow())
+            .values(upstream=upstream.name, bill_failures=prediction.bill_failures,
+                    submit_deadline=prediction.submit_deadline, updated_at=now)
         )
         await self._transactions.run(lambda connection: connection.execute(statement))
 

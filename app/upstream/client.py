@@ -155,6 +155,15 @@ class UpstreamClient:
         )
         return reply
 
+    def longest_call_seconds(self) -> float:
+        """How long any other call here can take: connecting, then waiting for the answer."""
+        return self._connect_timeout + self._request_timeout
+
+    def longest_create_seconds(self, wait_seconds: int | None) -> float:
+        """How long a create sent here can take before its outcome is known: connecting, then
+        waiting for the answer."""
+        return self._connect_timeout + self._create_timeout + (wait_seconds or 0)
+
     async def get_prediction(self, upstream_id: str) -> dict[str, Any]:
         """GET one prediction by its upstream id."""
         reply: dict[str, Any] = await self._call("GET", "v1/predictions/" + _segment(upstream_id), operation="get")

@@ -53,6 +53,13 @@ class CircuitBreaker:
             self.opened_at = self.clock()
         self.probing = False
 
+    def probe_ended(self) -> None:
+        """A probe ended without saying whether the upstream is well (it throttled us, or was
+        never sent): the next request probes instead. Without this the breaker would stay
+        half-open with its one probe taken, and refuse every request for good."""
+        if self.state == "half-open":
+            self.probing = False
+
 
 @dataclass
 class Upstream:

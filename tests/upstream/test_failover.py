@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -9,6 +10,8 @@ import httpx
 import pytest
 
 from app.config import UpstreamConfig
+from app.jobs import reconciler
+from app.predictions import service as prediction_service
 from tests.conftest import Gateway
 from tests.dbtools import create_token, rows
 from tests.fakes.relay import FakeRelay
@@ -162,3 +165,66 @@ def test_model_globs_and_the_model_map_route_creates(
         assert_problem(create(api, "stability-ai/sdxl"), 404)
     assert relay.creates()[0].path == "/replicate/v1/models/bfl/schnell-fast/predictions"
     assert second.creates()[0].path == "/replicate/v1/models/meta/llama/predictions"
+
+
+
+def test_a_throttled_probe_leaves_the_next_create_to_probe_again(
+    gateway_factory: Any, relay: FakeRelay, second: FakeRelay
+) -> None:
+    gateway: Gateway = gateway_factory(upstreams=upstreams(relay, second, rejects_with_5xx=True),
+                                       breaker_threshold=1, breaker_cooldown=0.3)
+    with gateway.client(create_token(gateway.db_url, "probed")) as api:
+        relay.fail_next("status", status=503, method="POST")
+        assert create(api).status_code == 201  # the primary's 503 opens its circuit
+        time.sleep(0.4)  # half-open: the next create is the primary's probe
+        relay.fail_next("throttle", retry_after=1, method="POST")
+        assert create(api).status_code == 201  # throttled, so the secondary took it
+        calls_before = len(relay.calls)
+        assert create(api).json()["id"]
+    assert len(relay.calls) == calls_before + 1, "a throttled probe must not keep the circuit from probing"
+    assert len(relay.creates()) == 1
+    assert len(second.creates()) == 2
+
+
+def test_a_running_prediction_is_read_cancelled_and_streamed_at_its_owner_only(
+    gateway_factory: Any, relay: FakeRelay, second: FakeRelay
+) -> None:
+    gateway, api = start(gateway_factory, relay, second)
+    second.processing_seconds = 30
+    with api, httpx.Client(timeout=10) as anonymous:
+        relay.fail_next("throttle", retry_after=1, method="POST")
+        prediction = create(api, "llm/echo", text="owned elsewhere").json()
+        primary_calls = len(relay.calls)
+        assert api.get(f"/predictions/{prediction['id']}").json()["status"] in ("starting", "processing")
+        canceled = api.post(f"/predictions/{prediction['id']}/cancel")
+        assert canceled.status_code == 200
+        assert canceled.json()["status"] == "canceled"
+        events = anonymous.get(prediction["urls"]["stream"]).text
+    assert "event: done" in events
+    assert len(relay.calls) == primary_calls == 1, "only the throttled create reached the primary"
+    upstream_id = second.creates()[0].prediction_id
+    assert any(c.method == "POST" and c.path.endswith(f"/predictions/{upstream_id}/cancel") for c in second.calls)
+    assert any(c.method == "GET" and c.path.endswith(f"/predictions/{upstream_id}") for c in second.calls)
+    assert second.predictions[upstream_id]["status"] == "canceled"
+    (row,) = rows(gateway.db_url, "prediction")
+    assert (row["upstream"], row["status"]) == ("secondary", "canceled")
+
+
+def test_a_create_is_not_in_doubt_before_its_own_upstream_could_have_answered(
+    gateway_factory: Any, relay: FakeRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The global create time-out would put the create in doubt after 0.8 s; this upstream's own
+    # allows 3 s, and it answers after 1.5 s, while the reconciler runs every 0.1 s.
+    for module in (prediction_service, reconciler):
+        monkeypatch.setattr(module, "IN_DOUBT_MARGIN_SECONDS", 0.2)
+    gateway: Gateway = gateway_factory(
+        upstreams=[UpstreamConfig(name="patient", url=relay.upstream_url, token=relay.key, create_timeout=3)],
+        connect_timeout=0.3, create_timeout=0.3, reconcile_interval=0.1,
+    )
+    with gateway.client(create_token(gateway.db_url, "patient")) as api:
+        relay.fail_next("hang", seconds=1.5, method="POST")
+        created = create(api)
+        assert created.status_code == 201, created.text
+        assert wait_terminal(api, created.json()["id"])["status"] == "succeeded"
+    (row,) = rows(gateway.db_url, "prediction")
+    assert (row["submission"], row["upstream_id"]) == ("accepted", relay.creates()[0].prediction_id)

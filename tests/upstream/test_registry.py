@@ -43,6 +43,21 @@ class TestCircuitBreaker:
         assert breaker.state == "closed"
         assert breaker.allow()
 
+    def test_a_probe_ended_without_a_verdict_lets_the_next_request_probe(self) -> None:
+        clock = Clock()
+        breaker = CircuitBreaker(threshold=1, cooldown=5, clock=clock)
+        breaker.failed()
+        breaker.probe_ended()  # open, with no probe out: nothing to end
+        assert not breaker.allow()
+        clock.now = 5
+        assert breaker.allow()
+        breaker.probe_ended()
+        assert breaker.state == "half-open"
+        assert breaker.allow()
+        breaker.succeeded()
+        breaker.probe_ended()
+        assert breaker.state == "closed"
+
     def test_a_failed_probe_reopens_at_once(self) -> None:
         clock = Clock()
         breaker = CircuitBreaker(threshold=1, cooldown=5, clock=clock)
