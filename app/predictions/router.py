@@ -24,6 +24,7 @@ from app.errors import (
     invalid_fields_from,
 )
 from app.files.service import resolve_inputs as resolve_file_inputs
+from app.groups import service as groups
 from app.predictions import rewrite, stream
 from app.predictions.headers import valid_cancel_after, wait_seconds
 from app.predictions.models import Prediction
@@ -263,48 +264,58 @@ def _rebase(value: Any, upstream_base: str, public: str) -> Any:
     return value
 
 
-def _reader(state: StateDep, model: str) -> UpstreamClient:
-    """The upstream that would run `model`, asked about it (the first that serves it)."""
+def _reader(state: StateDep, caller: CallerDep, model: str) -> tuple[UpstreamClient, str]:
+    """The upstream a create of `model` by this caller would go to, and the model's name there:
+    the first its group may use whose circuit is not open (the first of them if all are)."""
     candidates = state.registry.candidates(model)
     if not candidates:
         raise NotFound(f"No upstream serves {model}")
-    return candidates[0].client
+    candidates = groups.allowed_upstreams(caller.token.group, candidates, model)
+    upstream = next((u for u in candidates if u.breaker.state != "open"), candidates[0])
+    return upstream.client, upstream.upstream_model(model)
 
 
-async def _forward_read(state: StateDep, public: str, model: str, path: str) -> Response:
-    client = _reader(state, model)
+async def _forward_read(state: StateDep, caller: CallerDep, public: str, model: str, rest: str) -> Response:
+    client, theirs = _reader(state, caller, model)
     try:
-        data = await client.get_json(path)
+        data = await client.get_json(f"v1/models/{theirs}{rest}")
     except UpstreamFailure as failure:
         raise failure.error from None
+    if not rest and theirs != model and isinstance(data, dict):
+        # The model as the caller names it, not as the upstream does.
+        data["owner"], data["name"] = model.split("/")
     return _json(_rebase(data, client.base_url, public))
 
 
 @router.get("/models/{owner}/{name}")
-async def get_model(owner: str, name: str, state: StateDep, public: PublicBaseDep) -> Response:
+async def get_model(
+    owner: str, name: str, state: StateDep, caller: CallerDep, public: PublicBaseDep
+) -> Response:
     """A model, as the upstream describes it."""
     owner, name = _segment(owner, "model"), _segment(name, "model")
-    return await _forward_read(state, public, f"{owner}/{name}", f"v1/models/{owner}/{name}")
+    return await _forward_read(state, caller, public, f"{owner}/{name}", "")
 
 
 @router.get("/models/{owner}/{name}/versions")
-async def list_model_versions(owner: str, name: str, state: StateDep, public: PublicBaseDep) -> Response:
+async def list_model_versions(
+    owner: str, name: str, state: StateDep, caller: CallerDep, public: PublicBaseDep
+) -> Response:
     """A model's versions, as the upstream lists them."""
     owner, name = _segment(owner, "model"), _segment(name, "model")
-    return await _forward_read(state, public, f"{owner}/{name}", f"v1/models/{owner}/{name}/versions")
+    return await _forward_read(state, caller, public, f"{owner}/{name}", "/versions")
 
 
 @router.get("/models/{owner}/{name}/versions/{version_id}")
 async def get_model_version(
-    owner: str, name: str, version_id: str, state: StateDep, public: PublicBaseDep
+    owner: str, name: str, version_id: str, state: StateDep, caller: CallerDep, public: PublicBaseDep
 ) -> Response:
     """A version; when the upstream cannot describe it, a minimal one the clients accept."""
     owner, name = _segment(owner, "model"), _segment(name, "model")
     if not _VERSION_ID.match(version_id):
         raise NotFound("The requested version could not be found")
-    client = _reader(state, f"{owner}/{name}")
+    client, theirs = _reader(state, caller, f"{owner}/{name}")
     try:
-        data = await client.get_json(f"v1/models/{owner}/{name}/versions/{version_id}")
+        data = await client.get_json(f"v1/models/{theirs}/versions/{version_id}")
     except UpstreamFailure:
         data = None
     if not isinstance(data, dict) or not isinstance(data.get("cog_version"), str) \

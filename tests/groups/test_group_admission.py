@@ -89,7 +89,9 @@ def test_a_groups_creates_go_only_to_its_upstreams_even_past_a_higher_priority(
         ids = [create(api, i=i).json()["id"] for i in range(3)]
         for prediction_id in ids:
             assert wait_terminal(api, prediction_id)["status"] == "succeeded"
-    assert relay.calls == [], "nothing of the group's reaches an upstream outside it"
+        assert api.get("/models/black-forest-labs/flux-schnell").status_code == 200
+        assert api.get("/models/black-forest-labs/flux-schnell/versions").status_code == 200
+    assert relay.calls == [], "nothing of the group's reaches an upstream outside it, reads included"
     assert len(second.creates()) == 3
     with gateway.client(outsider) as api:
         wait_terminal(api, create(api).json()["id"])

@@ -163,9 +163,15 @@ def test_model_globs_and_the_model_map_route_creates(
         assert create(api, "black-forest-labs/flux-schnell").status_code == 201
         assert create(api, "meta/llama").status_code == 201
         assert_problem(create(api, "stability-ai/sdxl"), 404)
+        model = api.get("/models/black-forest-labs/flux-schnell").json()
+        assert (model["owner"], model["name"]) == ("black-forest-labs", "flux-schnell")
+        assert api.get("/models/black-forest-labs/flux-schnell/versions").status_code == 200
+        assert api.get(f"/models/black-forest-labs/flux-schnell/versions/{'b' * 64}").status_code == 200
     assert relay.creates()[0].path == "/replicate/v1/models/bfl/schnell-fast/predictions"
     assert second.creates()[0].path == "/replicate/v1/models/meta/llama/predictions"
-
+    reads = [call.path for call in relay.calls if call.method == "GET"]
+    assert reads == ["/replicate/v1/models/bfl/schnell-fast", "/replicate/v1/models/bfl/schnell-fast/versions",
+                     f"/replicate/v1/models/bfl/schnell-fast/versions/{'b' * 64}"]
 
 
 def test_a_throttled_probe_leaves_the_next_create_to_probe_again(
