@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from app.config import UpstreamConfig
 from tests.conftest import Gateway
 from tests.fakes.relay import FakeRelay
 from tests.helpers import create, free_port, wait_terminal
@@ -42,6 +45,20 @@ def test_health_and_readiness(gateway: Gateway, gateway_factory: Any) -> None:
     assert "127.0.0.1" not in response.text
 
 
+def test_readiness_asks_every_upstream_at_once(gateway_factory: Any, relay: FakeRelay) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # connects, then never answers
+        gateway: Gateway = gateway_factory(connect_timeout=3, upstreams=[
+            UpstreamConfig(name="silent", url=f"http://127.0.0.1:{silent.getsockname()[1]}/replicate", token="k"),
+            UpstreamConfig(name="relay", url=relay.upstream_url, token=relay.key),
+        ])
+        with httpx.Client(base_url=gateway.url) as anonymous:
+            started = time.monotonic()
+            ready = anonymous.get("/readyz")
+            took = time.monotonic() - started
+    assert ready.json() == {"status": "ok", "database": "ok", "upstream": "ok"}
+    assert took < 1.5, "the silent upstream's time-out was waited out before asking the other"
+
+
 def test_metrics_count_requests_upstream_calls_predictions_and_spend(
     gateway: Gateway, api: httpx.Client, relay: FakeRelay
 ) -> None:
@@ -66,6 +83,24 @@ def test_metrics_count_requests_upstream_calls_predictions_and_spend(
         text = anonymous.get("/metrics").text
     assert prediction_id not in text
     assert 'route="/predictions/{prediction_id}"' in text
+
+
+def test_metrics_count_invalid_answers_and_leave_refused_creates_out(
+    gateway: Gateway, api: httpx.Client, relay: FakeRelay
+) -> None:
+    relay.processing_seconds = 30
+    relay.fail_next("status", status=422, method="POST")
+    assert create(api).status_code == 422  # refused by the upstream: never a prediction
+    running = create(api).json()["id"]
+    relay.fail_next("status", status=200, method="GET")  # JSON, but not a prediction
+    assert api.get(f"/predictions/{running}").status_code == 200  # the last known state
+    with httpx.Client(base_url=gateway.url) as anonymous:
+        text = anonymous.get("/metrics").text
+    assert 'gateway_upstream_errors_total{kind="invalid",operation="get",upstream="default"} 1.0' in text
+    assert 'gateway_predictions{status="failed"} 0.0' in text
+    assert 'gateway_predictions{status="starting"} 1.0' in text or \
+        'gateway_predictions{status="processing"} 1.0' in text
+    assert api.post(f"/predictions/{running}/cancel").status_code == 200
 
 
 @pytest.mark.parametrize(("level", "access_lines"), [("INFO", True), ("WARNING", False)])

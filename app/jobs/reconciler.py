@@ -194,6 +194,7 @@ class Reconciler:
             await self._after_failure(claim, failure, expired)
             return
         except InvalidUpstreamPrediction:
+            upstream.client.answer_was_invalid("cancel" if expired else "get")
             log.warning("reconciler.invalid_reply", extra={"prediction_id": claim.id})
             if expired:
                 await self._service.force_finish(claim.id, status="failed", reason=EXPIRED_REASON)

@@ -335,6 +335,7 @@ class PredictionService(PredictionRecorder):
                     raise failure.error from None
                 except InvalidUpstreamPrediction as exc:
                     breaker.failed()
+                    upstream.client.answer_was_invalid("create")
                     log.warning("upstream.invalid_prediction",
                                 extra={"prediction_id": prediction.id, "reason": str(exc)})
                     await self._record_failed_create(prediction, "invalid upstream response", maybe_sent=True)
@@ -578,9 +579,11 @@ class PredictionService(PredictionRecorder):
             log.warning("prediction.refresh_failed", extra={"prediction_id": row.id, "status": failure.error.status})
             return row
         except InvalidUpstreamPrediction:
+            upstream.client.answer_was_invalid("get")
             log.warning("prediction.refresh_failed", extra={"prediction_id": row.id, "status": 502})
             return row
         if reply.id != row.upstream_id:
+            upstream.client.answer_was_invalid("get")
             log.error("upstream.mismatched_id", extra={"prediction_id": row.id})
             return row
         upstream.breaker.succeeded()
@@ -601,8 +604,10 @@ class PredictionService(PredictionRecorder):
         except UpstreamFailure as failure:
             raise failure.error from None
         except InvalidUpstreamPrediction:
+            upstream.client.answer_was_invalid("cancel")
             raise UpstreamInvalid() from None
         if reply.id != row.upstream_id:
+            upstream.client.answer_was_invalid("cancel")
             raise UpstreamInvalid()
         log.info("prediction.cancel_requested", extra={"prediction_id": row.id})
         return await self.apply_upstream_state(row.id, reply, upstream_name=row.upstream)

@@ -27,7 +27,8 @@ from app.upstream import wire
 
 log = logging.getLogger(__name__)
 
-Observer = Callable[[str, str, float, str | None], None]  # upstream, operation, seconds, error
+# upstream, operation, seconds (None: no call to time), error
+Observer = Callable[[str, str, float | None, str | None], None]
 DEFAULT_RETRY_AFTER = 5
 MAX_RETRY_AFTER = 600
 _URL_PATTERN = re.compile(r"\b(?:https?|wss?)://[^\s\"'<>]+", re.IGNORECASE)
@@ -154,6 +155,12 @@ class UpstreamClient:
             read_timeout=self._create_timeout + (wait_seconds or 0),
         )
         return reply
+
+    def answer_was_invalid(self, operation: str) -> None:
+        """Count an answer its caller found invalid (not a prediction, or another one's) as an
+        error of this upstream's."""
+        if self._observer is not None:
+            self._observer(self.name, operation, None, "invalid")
 
     def longest_call_seconds(self) -> float:
         """How long any other call here can take: connecting, then waiting for the answer."""
