@@ -391,6 +391,8 @@ def scenarios(seed: Seed, database_url: str, team: dict[str, str], sample: dict[
         ]
     pages.insert(6, ("admin", "predictions, token + failed",
                      f"/dashboard/predictions?token={team['name']}&status=failed"))
+    # Not a dashboard page, but it reads the same ledger: Prometheus asks for it every few seconds.
+    pages.append(("admin", "metrics (a Prometheus scrape)", "/metrics"))
     return pages
 
 
