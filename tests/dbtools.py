@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
+from sqlalchemy.sql import Executable
 
 from app.config import Settings
 from app.db import Transactions, make_engine, make_sessionmaker
@@ -109,3 +111,16 @@ async def standalone_recorder(url: str, settings: Settings) -> AsyncIterator[tup
         await registry.aclose()
         transactions.dispose()
         await engine.dispose()
+
+
+def sqlite_plan(database: Path, statement: Executable) -> str:
+    """SQLite's query plan for `statement` with its own parameters, in one line."""
+    engine = create_engine(f"sqlite:///{database}")
+    try:
+        compiled = statement.compile(dialect=engine.dialect, compile_kwargs={"render_postcompile": True})
+        parameters = tuple(compiled.construct_params()[name] for name in compiled.positiontup or ())
+        with engine.connect() as connection:
+            return " ".join(str(row[-1]) for row in connection.exec_driver_sql(
+                f"EXPLAIN QUERY PLAN {compiled}", tuple(str(p) for p in parameters)))
+    finally:
+        engine.dispose()

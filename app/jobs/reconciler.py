@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Select, or_, select, update
+from sqlalchemy import Select, Update, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -67,6 +67,13 @@ def due_for_polling(now: datetime) -> Select[str, str, str | None, datetime, int
         .order_by(Prediction.next_poll_at)
         .limit(BATCH_SIZE)
     )
+
+
+def expired_idempotency_keys(cutoff: datetime) -> Update:
+    """Forget the idempotency keys of predictions created before `cutoff`."""
+    return (update(Prediction)
+            .where(Prediction.idempotency_key.is_not(None), Prediction.created_at < cutoff)
+            .values(idempotency_key=None))
 
 
 class Reconciler:
@@ -260,11 +267,6 @@ class Reconciler:
         if self._keys_expired_at is not None and now - self._keys_expired_at < KEY_SWEEP_EVERY:
             return
         self._keys_expired_at = now
-        cutoff = now - timedelta(hours=IDEMPOTENCY_KEY_HOURS)
         async with self._sessions() as session:
-            await session.execute(
-                update(Prediction)
-                .where(Prediction.idempotency_key.is_not(None), Prediction.created_at < cutoff)
-                .values(idempotency_key=None)
-            )
+            await session.execute(expired_idempotency_keys(now - timedelta(hours=IDEMPOTENCY_KEY_HOURS)))
             await session.commit()

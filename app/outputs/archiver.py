@@ -7,12 +7,12 @@ import hmac
 import logging
 import re
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from fnmatch import fnmatchcase
 from typing import Any
 
 import httpx
-from sqlalchemy import select, update
+from sqlalchemy import Select, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 BATCH_SIZE = 20
 # Relays' output URLs expire after about an hour; later than this there is nothing left to copy.
 ARCHIVE_WINDOW = timedelta(hours=3)
+LATE_ANSWER_SLACK = timedelta(hours=1)
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -52,6 +53,24 @@ def output_urls(output: Any) -> list[str]:
     """The http(s) URLs among a prediction's outputs, in order."""
     items = output if isinstance(output, list) else [output]
     return [i for i in items if isinstance(i, str) and i.startswith(("https://", "http://"))]
+
+
+def due_for_archiving(now: datetime, lifetime: timedelta) -> Select[Any]:
+    """The next batch of predictions that succeeded within the archive window and are not yet
+    settled, soonest completed first."""
+    since = now - ARCHIVE_WINDOW
+    # A prediction ends within its lifetime of its creation (the reconciler sees to it), so only
+    # those created since then, with slack for late answers, can be due: the status index then
+    # walks the recent ones, not every prediction that ever succeeded (2 to 6 s a pass at a
+    # million on SQLite).
+    return (
+        select(Prediction).where(
+            Prediction.status == "succeeded",
+            Prediction.created_at >= since - lifetime - LATE_ANSWER_SLACK,
+            Prediction.outputs_archived.is_(False),
+            Prediction.completed_at >= since,
+        ).order_by(Prediction.completed_at).limit(BATCH_SIZE)
+    )
 
 
 class OutputArchiver:
@@ -92,14 +111,9 @@ class OutputArchiver:
         """Archive what is due; the number of predictions whose files were copied."""
         if not self._settings.durable_outputs:
             return 0
+        due = due_for_archiving(utcnow(), timedelta(seconds=self._settings.max_prediction_seconds))
         async with self._sessions() as session:
-            candidates = list((await session.scalars(
-                select(Prediction).where(
-                    Prediction.status == "succeeded",
-                    Prediction.outputs_archived.is_(False),
-                    Prediction.completed_at >= utcnow() - ARCHIVE_WINDOW,
-                ).order_by(Prediction.completed_at).limit(BATCH_SIZE)
-            )).all())
+            candidates = list((await session.scalars(due)).all())
         copied = 0
         for prediction in candidates:
             if await self._claim(prediction.id) and self._wanted(prediction.model):

@@ -54,6 +54,10 @@ class Prediction(Base):
         _partial_index("uq_prediction_upstream_upstream_id", "upstream", "upstream_id", unique=True),
         _partial_index("uq_prediction_token_id_idempotency_key", "token_id", "idempotency_key", unique=True),
         _partial_index("ix_prediction_next_poll_at", "next_poll_at"),
+        # The keys' expiry sweep: without it, SQLite walked every prediction older than a day
+        # (2.1 s at a million), holding the write lock, to find the few that still hold a key.
+        Index("ix_prediction_keyed_created_at", "created_at", sqlite_where=text("idempotency_key IS NOT NULL"),
+              postgresql_where=text("idempotency_key IS NOT NULL")),
         Index("ix_prediction_token_id_created_at_id", "token_id", "created_at", "id"),
         # Newest-first keyset pages, alone or within one model or status (the dashboard's filters).
         Index("ix_prediction_created_at_id", "created_at", "id"),

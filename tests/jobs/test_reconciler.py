@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import create_engine
 
 from app.columns import utcnow
 from app.db import QueuedWriteSession
-from app.jobs.reconciler import CONCURRENCY, RECORDING, due_for_polling
+from app.jobs import reconciler
+from app.jobs.reconciler import CONCURRENCY, RECORDING, due_for_polling, expired_idempotency_keys
 from tests.conftest import Gateway
-from tests.dbtools import create_token, rows
+from tests.dbtools import create_token, rows, sqlite_plan
 from tests.fakes.relay import FakeRelay
 from tests.helpers import TERMINAL, assert_problem, create, wait_until_all_final
 from tests.invariants import check_all, check_ledger
@@ -202,18 +203,46 @@ def test_a_batch_records_its_results_a_few_at_a_time(gateway_factory: Any, relay
 
 def test_on_sqlite_the_due_batch_is_read_in_poll_order_from_its_index_never_sorted(sqlite_template: Path) -> None:
     # Sorting every unfinished prediction on each pass made a backlog cost more the longer it got.
-    engine = create_engine(f"sqlite:///{sqlite_template}")
-    try:
-        compiled = due_for_polling(utcnow()).compile(
-            dialect=engine.dialect, compile_kwargs={"render_postcompile": True})
-        parameters = tuple(str(compiled.params[name]) for name in compiled.positiontup or ())
-        with engine.connect() as connection:
-            plan = " ".join(str(row[-1]) for row in connection.exec_driver_sql(
-                f"EXPLAIN QUERY PLAN {compiled}", parameters))
-    finally:
-        engine.dispose()
+    plan = sqlite_plan(sqlite_template, due_for_polling(utcnow()))
     assert "ix_prediction_next_poll_at" in plan, plan
     assert "TEMP B-TREE" not in plan, plan
+
+
+def test_on_sqlite_expired_idempotency_keys_are_found_through_their_own_index(sqlite_template: Path) -> None:
+    # Through the index of every prediction's creation time, the sweep walked everything older
+    # than a day: 2.1 s at a million predictions, holding the write lock.
+    plan = sqlite_plan(sqlite_template, expired_idempotency_keys(utcnow()))
+    assert "ix_prediction_keyed_created_at" in plan, plan
+
+
+def test_an_idempotency_key_is_forgotten_once_it_is_old_enough(
+    gateway_factory: Any, relay: FakeRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A day and ten minutes, shortened to three seconds and every pass.
+    monkeypatch.setattr(reconciler, "IDEMPOTENCY_KEY_HOURS", 3 / 3600)
+    monkeypatch.setattr(reconciler, "KEY_SWEEP_EVERY", timedelta(0))
+    gateway: Gateway = gateway_factory(reconcile_interval=0.1)
+
+    def keyed(api: httpx.Client, key: str) -> str:
+        answer = api.post("/models/budget/model/predictions", json={"input": {}}, headers={"Idempotency-Key": key})
+        assert answer.status_code == 201, answer.text
+        return str(answer.json()["id"])
+
+    def keys() -> dict[str, str | None]:
+        return {row["id"]: row["idempotency_key"] for row in rows(gateway.db_url, "prediction")}
+
+    with gateway.client(create_token(gateway.db_url, "keyed")) as api:
+        old = keyed(api, "old")
+        time.sleep(3.5)
+        recent = keyed(api, "recent")
+        deadline = time.monotonic() + 2
+        while keys()[old] is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert keys() == {old: None, recent: "recent"}
+        assert keyed(api, "recent") == recent, "a recent key still replays"
+        again = keyed(api, "old")
+        assert again not in (old, recent), "an expired key makes a new prediction"
+    wait_until_all_final(gateway.db_url, 20)
 
 
 def test_on_sqlite_the_reconciler_writes_through_the_group_commit_never_a_write_session(
