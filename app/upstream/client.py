@@ -296,7 +296,7 @@ class UpstreamClient:
             method, path, content=content,
             headers={"Content-Type": "application/json", **(headers or {})} if content is not None else headers,
             timeout=httpx.Timeout(read_timeout if read_timeout is not None else self._request_timeout,
-                                  connect=connect_timeout),
+                                  connect=connect_timeout, pool=connect_timeout),
         )
         try:
             response = await http.send(request, stream=True)

@@ -240,7 +240,7 @@ class WirePool:
                       answer_timeout: float) -> Answer:
         """Send a prepared head (and body) on a pooled connection and wait for the whole answer."""
         loop = asyncio.get_running_loop()
-        connection = await self._acquire(loop, connect_timeout, answer_timeout)
+        connection = await self._acquire(loop, connect_timeout)
         waiter: asyncio.Future[Answer] = loop.create_future()
         timer = loop.call_later(answer_timeout, connection.timed_out)
         try:
@@ -255,8 +255,7 @@ class WirePool:
         self._release(connection)
         return answer
 
-    async def _acquire(self, loop: asyncio.AbstractEventLoop, connect_timeout: float,
-                       wait_timeout: float) -> _Connection:
+    async def _acquire(self, loop: asyncio.AbstractEventLoop, connect_timeout: float) -> _Connection:
         if self._closed:
             raise ConnectFailed("the pool is closed")
         if loop is not self._loop:
@@ -269,11 +268,15 @@ class WirePool:
                 return connection
             connection.close()
             self._open -= 1
+        # Waiting for a free connection and opening one share the connect time-out: a call then
+        # takes at most that and its answer's time-out, which is what the reconciler allows a
+        # create before it treats it as in doubt.
+        deadline = now + connect_timeout
         if self._open >= self._max_connections:
             waiter: asyncio.Future[_Connection | None] = loop.create_future()
             self._waiting.append(waiter)
             try:
-                handed = await asyncio.wait_for(waiter, wait_timeout)
+                handed = await asyncio.wait_for(waiter, connect_timeout)
             except BaseException as error:
                 if waiter in self._waiting:
                     self._waiting.remove(waiter)
@@ -297,7 +300,7 @@ class WirePool:
         try:
             _, connection = await asyncio.wait_for(loop.create_connection(
                 lambda: _Connection(self._max_body_bytes), self._host, self._port, ssl=self._ssl,
-                server_hostname=self._host if self._ssl else None), connect_timeout)
+                server_hostname=self._host if self._ssl else None), max(deadline - time.monotonic(), 0.001))
         except (OSError, TimeoutError, ssl.SSLError, UnicodeError, ValueError) as error:
             self._free_slot()
             raise ConnectFailed(type(error).__name__) from None

@@ -86,9 +86,10 @@ async def start(upstreams: list[Upstream], answer: Callable[[bytes], Awaitable[b
     return upstream, WirePool(base, **options)  # type: ignore[arg-type]
 
 
-async def get(pool: WirePool, path: str = "v1/predictions/abc", timeout: float = 2.0) -> tuple[int, bytes]:
+async def get(pool: WirePool, path: str = "v1/predictions/abc", timeout: float = 2.0,
+              connect_timeout: float = 1.0) -> tuple[int, bytes]:
     answer = await pool.request(pool.head("GET", path, {"Accept": "application/json"}, None), None,
-                                connect_timeout=1.0, answer_timeout=timeout)
+                                connect_timeout=connect_timeout, answer_timeout=timeout)
     return answer.status, answer.body
 
 
@@ -138,7 +139,8 @@ async def test_waiting_for_a_free_connection_too_long_sent_nothing(upstreams: li
     first = asyncio.ensure_future(get(pool))
     await asyncio.sleep(0.05)
     with pytest.raises(ConnectFailed) as caught:
-        await get(pool, timeout=0.1)
+        # Waiting for a free connection counts against the connect time-out, not the answer's.
+        await get(pool, timeout=5, connect_timeout=0.1)
     assert caught.value.sent is False
     assert await first == (200, b'{"ok": true}')
     assert len(upstream.requests) == 1
