@@ -329,16 +329,14 @@ def _groups(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _usage(settings: Settings, args: argparse.Namespace) -> int:
-    async def work(session: Any) -> dict[str, Any]:
-        return await usage_report.report(session, since=args.since, until=args.until, group_by=args.group_by)
+    async def work(session: Any) -> str:
+        if args.format == "csv":
+            return usage_report.csv_text(*await usage_report.grouped(
+                session, since=args.since, until=args.until, group_by=args.group_by))
+        result = await usage_report.report(session, since=args.since, until=args.until, group_by=args.group_by)
+        return orjson.dumps(result).decode() if args.format == "json" else usage_report.as_table(result)
 
-    result = run_sync(_with_session(settings, work))
-    if args.format == "json":
-        _print(orjson.dumps(result).decode())
-    elif args.format == "csv":
-        _print(usage_report.as_csv(result))
-    else:
-        _print(usage_report.as_table(result))
+    _print(run_sync(_with_session(settings, work)))
     return 0
 
 

@@ -25,6 +25,7 @@ from sqlalchemy import func, select, text
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.accounting.daily import UsageDaily
+from app.accounting.usage import UNFINISHED
 from app.columns import utcnow
 from app.deps import StateDep
 from app.foreground import Foreground
@@ -199,8 +200,6 @@ async def _any_upstream_reachable(state: GatewayState) -> bool:
         for check in checks:
             check.cancel()
 
-
-UNFINISHED = ("starting", "processing")
 
 
 @router.get("/metrics")

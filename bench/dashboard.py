@@ -391,8 +391,14 @@ def scenarios(seed: Seed, database_url: str, team: dict[str, str], sample: dict[
         ]
     pages.insert(6, ("admin", "predictions, token + failed",
                      f"/dashboard/predictions?token={team['name']}&status=failed"))
-    # Not a dashboard page, but it reads the same ledger: Prometheus asks for it every few seconds.
-    pages.append(("admin", "metrics (a Prometheus scrape)", "/metrics"))
+    # Not dashboard pages, but they read the same ledger: Prometheus asks for the metrics every
+    # few seconds, and the admin API's usage report is the dashboard's CSV for scripts.
+    pages += [
+        ("admin", "metrics (a Prometheus scrape)", "/metrics"),
+        ("api", "admin API usage, all time, by token and model", "/admin/v1/usage?group_by=token&group_by=model"),
+        ("api", "admin API usage CSV, 90 days by day/token/model",
+         f"/admin/v1/usage?{quarter}&group_by=day&group_by=token&group_by=model&format=csv"),
+    ]
     return pages
 
 
@@ -400,7 +406,8 @@ def run(database: str, database_url: str, seed: Seed, workdir: Path, requests: i
     team = seed.tokens[0]  # the busiest token
     results = []
     with gateway(database_url, workdir) as base:
-        clients = {"admin": sign_in(base, ADMIN), "team": sign_in(base, seed.secret(team["name"]))}
+        clients = {"admin": sign_in(base, ADMIN), "team": sign_in(base, seed.secret(team["name"])),
+                   "api": httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)}
         listing = clients["team"].get("/dashboard/predictions?status=succeeded").text
         sample = {"team": re.findall(r'href="/dashboard/predictions/([a-z0-9]+)"', listing)[0]}
         sample["admin"] = sample["team"]

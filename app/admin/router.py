@@ -123,7 +123,7 @@ def token_view(token: ApiToken) -> dict[str, Any]:
 @router.get("/tokens")
 async def list_tokens(state: StateDep, search: Annotated[str | None, Query(max_length=100)] = None) -> Response:
     """Every token, or those whose name contains `search`, without secrets or hashes."""
-    async with state.sessions() as session:
+    async with state.read_sessions() as session:
         tokens = await token_service.list_all(session, search)
     return _json({"results": [token_view(t) for t in tokens]})
 
@@ -138,7 +138,7 @@ async def _token(session: AsyncSession, name_or_id: str) -> ApiToken:
 @router.get("/tokens/{name_or_id}")
 async def get_token(name_or_id: str, state: StateDep) -> Response:
     """One token with its budget, spent, reserved and remaining."""
-    async with state.sessions() as session:
+    async with state.read_sessions() as session:
         return _json(token_view(await _token(session, name_or_id)))
 
 
@@ -281,7 +281,7 @@ async def _group(session: AsyncSession, name_or_id: str) -> TokenGroup:
 @router.get("/groups")
 async def list_groups(state: StateDep) -> Response:
     """Every group with its limits, multiplier and number of tokens."""
-    async with state.sessions() as session:
+    async with state.read_sessions() as session:
         groups = await group_service.list_all(session)
         counts = await group_service.token_counts(session)
     return _json({"results": [group_service.group_view(g, counts.get(g.id, 0)) for g in groups]})
@@ -302,7 +302,7 @@ async def create_group(body: GroupCreate, state: StateDep) -> Response:
 @router.get("/groups/{name_or_id}")
 async def get_group(name_or_id: str, state: StateDep) -> Response:
     """One group."""
-    async with state.sessions() as session:
+    async with state.read_sessions() as session:
         group = await _group(session, name_or_id)
         counts = await group_service.token_counts(session)
     return _json(group_service.group_view(group, counts.get(group.id, 0)))
@@ -349,12 +349,14 @@ async def get_usage(
     if report_format not in ("json", "csv"):
         raise BadRequest("format must be json or csv")
     try:
-        async with state.sessions() as session:
+        async with state.read_sessions() as session:
+            if report_format == "csv":
+                text = usage_report.csv_text(*await usage_report.grouped(
+                    session, since=since, until=until, group_by=group_by or []))
+                return Response(text, media_type="text/csv")
             result = await usage_report.report(session, since=since, until=until, group_by=group_by or [])
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
-    if report_format == "csv":
-        return Response(usage_report.as_csv(result), media_type="text/csv")
     return _json(result)
 
 
@@ -371,7 +373,7 @@ async def list_predictions(
 ) -> Response:
     """Every token's predictions, newest first, 100 a page, filtered by token (name or id),
     model (owner/name), status and day range; with each one's cost and ledger state."""
-    async with state.sessions() as session:
+    async with state.read_sessions() as session:
         owner = await _token(session, token) if token else None
         rows, next_cursor = await prediction_search.search(
             session, key=state.key, token_id=owner.id if owner else None, model=model, status=status,
@@ -402,7 +404,7 @@ async def list_webhook_deliveries(
 ) -> Response:
     """Webhook deliveries, newest first, 100 a page (`next`), optionally only one status; each
     shows its URL's host only, never the path or query a receiver may put secrets in."""
-    async with state.sessions() as session:
+    async with state.read_sessions() as session:
         results, next_before = await webhook_service.page(session, status=status, before=before)
     next_url = None
     if next_before is not None:

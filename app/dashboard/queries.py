@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import csv
-import heapq
-import io
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import String, func, select, type_coerce
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.accounting import usage
 from app.accounting.daily import UsageDaily
 from app.accounting.models import LedgerEntry
-from app.accounting.pricing import usd_text
-from app.accounting.usage import GROUP_KEYS
+from app.accounting.usage import GROUP_KEYS, UNFINISHED
 from app.predictions.models import Prediction, Submission
 from app.tokens.models import ApiToken
 
-UNFINISHED = ("starting", "processing")
 TOKENS_PAGE = 50
 TOP_ROWS = 20
 
@@ -142,39 +138,10 @@ async def overview(session: AsyncSession, *, token_id: str | None, since: date, 
 
 async def usage_csv(session: AsyncSession, *, token_id: str | None, since: date, until: date,
                     group_by: Sequence[str]) -> str:
-    """The usage report's CSV (same columns, rows and order as `usage --format csv`), read from the
-    rollup plus the predictions still running."""
-    keys = [key for key in dict.fromkeys(group_by) if key in GROUP_KEYS]
-    columns: dict[str, Any] = {"token": ApiToken.name, "model": UsageDaily.model,
-                               "day": type_coerce(UsageDaily.day, String)}
-    selected = [columns[k] for k in keys]
-    query = (select(*selected, func.sum(UsageDaily.predictions), func.sum(UsageDaily.cost_micros))
-             .join(ApiToken, ApiToken.id == UsageDaily.token_id)
-             .where(UsageDaily.day >= since, UsageDaily.day <= until))
-    if token_id is not None:
-        query = query.where(UsageDaily.token_id == token_id)
-    # Core rows, not ORM ones: a month of every token and model is tens of thousands of groups.
-    connection = await session.connection()
-    groups: dict[tuple[str, ...], list[int]] = {}
-    for *values, count, micros in await connection.execute(query.group_by(*selected).order_by(*selected)):
-        groups[tuple(map(str, values))] = [int(count or 0), int(micros or 0)]
-    unfinished = await _unfinished(session, token_id, since, until)
-    names = await token_names(session, list({owner for _, owner, _, _ in unfinished}))
-    added: dict[tuple[str, ...], list[int]] = {}
-    for day, owner, model, count in unfinished:
-        found = {"day": day, "token": names.get(owner, owner), "model": model}
-        group = tuple(found[k] for k in keys)
-        (groups if group in groups else added).setdefault(group, [0, 0])[0] += count
-    ordered = list(heapq.merge(groups.items(), sorted(added.items())))
-    # The report's CSV columns are always in GROUP_KEYS order, whatever order the rows sort in.
-    fields = [key for key in GROUP_KEYS if key in keys] if ordered else []
-    positions = [keys.index(field) for field in fields]
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([*fields, "predictions", "cost_usd"])
-    writer.writerows([*(group[i] for i in positions), count, usd_text(micros)]
-                     for group, (count, micros) in ordered)
-    return out.getvalue()
+    """The usage report's CSV (same columns, rows and order as `usage --format csv`)."""
+    keys = [key for key in group_by if key in GROUP_KEYS]
+    return usage.csv_text(*await usage.grouped(session, since=since, until=until, group_by=keys,
+                                                token_id=token_id))
 
 
 async def tokens_page(session: AsyncSession, *, after: str | None, only: str | None

@@ -209,7 +209,7 @@ async def logout(request: Request, state: StateDep, viewer: ViewerDep) -> Respon
 async def overview(request: Request, state: StateDep, viewer: ViewerDep) -> Response:
     """Spend and predictions per day as charts, and per token and per model, over a range."""
     since, until = _range(request)
-    async with state.sessions() as session:
+    async with state.read_sessions() as session:
         result = await queries.overview(session, token_id=viewer.token_id, since=since, until=until)
     return _page(state, viewer, "overview.html", title="Overview", nav="overview", o=result,
                  cost_chart=render.chart(result.days, money=True),
@@ -267,7 +267,7 @@ async def _tokens_page(request: Request, state: GatewayState, viewer: auth.Viewe
                        form: dict[str, Any] | None = None, errors: list[str] | None = None,
                        status: int = 200) -> Response:
     after = request.query_params.get("after") if request.method == "GET" else None
-    async with state.sessions() as session:
+    async with state.read_sessions() as session:
         tokens, next_after = await queries.tokens_page(session, after=after, only=viewer.token_id)
         recent = await queries.recent_spend(session, [t.id for t in tokens],
                                             datetime.now(UTC).date() - timedelta(days=DEFAULT_DAYS - 1))
@@ -314,7 +314,7 @@ async def create_token(request: Request, state: StateDep, viewer: ViewerDep) -> 
 async def _visible_token(state: GatewayState, viewer: auth.Viewer, token_id: str) -> ApiToken:
     if viewer.token_id is not None and token_id != viewer.token_id:
         raise NotFound("The requested token could not be found")
-    async with state.sessions() as session:
+    async with state.read_sessions() as session:
         token = await session.get(ApiToken, token_id[:64])
     if token is None:
         raise NotFound("The requested token could not be found")
@@ -382,7 +382,7 @@ async def predictions(request: Request, state: StateDep, viewer: ViewerDep) -> R
     rows: list[Prediction] = []
     next_cursor = None
     names: dict[str, str] = {}
-    async with state.sessions() as session:
+    async with state.read_sessions() as session:
         owner: str | None = viewer.token_id
         if viewer.is_admin and filters["token"]:
             found = await token_service.find(session, filters["token"][:100])
@@ -409,7 +409,7 @@ async def prediction(prediction_id: str, state: StateDep, viewer: ViewerDep) -> 
     """One prediction: input, status, error, logs, timings, cost, ledger and output previews."""
     if not _PREDICTION_ID.match(prediction_id):
         raise NotFound("The requested prediction could not be found")
-    async with state.sessions() as session:
+    async with state.read_sessions() as session:
         row = await session.get(Prediction, prediction_id)
         if row is None or (viewer.token_id is not None and row.token_id != viewer.token_id):
             raise NotFound("The requested prediction could not be found")
@@ -440,7 +440,7 @@ async def usage_csv(request: Request, state: StateDep) -> Response:
         raise Unauthenticated("Sign in to the dashboard first")
     since, until = _range(request)
     group_by = [g for g in request.query_params.getlist("group_by") if g in usage_report.GROUP_KEYS] or ["day"]
-    async with state.sessions() as session:
+    async with state.read_sessions() as session:
         text = await queries.usage_csv(session, token_id=viewer.token_id, since=since, until=until,
                                        group_by=group_by)
     filename = f"usage-{since.isoformat()}-{until.isoformat()}.csv"

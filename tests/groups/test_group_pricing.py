@@ -187,3 +187,45 @@ def test_a_create_in_doubt_is_charged_the_multiplied_estimate(gateway_factory: A
     assert (row["status"], row["cost_micros"]) == ("failed", 15_000)
     assert row["cost_note"].startswith("charged at the estimate")
     assert _ledger(gateway, "settlement") == {row["id"]: 15_000}
+
+
+def test_the_usage_report_counts_running_predictions_and_groups_as_the_ledger_does(
+    admin_gateway: Gateway, relay: FakeRelay
+) -> None:
+    with admin_client(admin_gateway) as admin:
+        add_group(admin, "resold", price_multiplier="1.5")
+        member = add_token(admin, "member", group="resold")
+        alone = add_token(admin, "alone")
+        with admin_gateway.client(member) as api:
+            wait_terminal(api, create(api).json()["id"])
+            wait_terminal(api, create(api, "black-forest-labs/flux-dev", fail=True).json()["id"])
+        with admin_gateway.client(alone) as api:
+            wait_terminal(api, create(api, "llm/echo", text="one two").json()["id"])
+            relay.fail_next("status", status=422, method="POST")
+            assert create(api).status_code == 422  # refused upstream: not in any report
+            relay.starting_seconds = 30
+            running = create(api).json()["id"]
+        report = admin.get("/usage", params={"group_by": ["group", "token", "model", "day"]}).json()
+        as_csv = admin.get("/usage", params={"group_by": ["group", "token", "model", "day"], "format": "csv"}).text
+        predictions = rows(admin_gateway.db_url, "prediction")
+        with admin_gateway.client(alone) as api:
+            assert api.post(f"/predictions/{running}/cancel").status_code == 200
+
+    # What summing every prediction gives, refused creates left out.
+    names = {t["id"]: t["name"] for t in rows(admin_gateway.db_url, "api_token")}
+    expected: dict[tuple[str | None, ...], list[int]] = {}
+    for p in predictions:
+        if p["submission"] == "rejected":
+            continue
+        group = "resold" if names[p["token_id"]] == "member" else None
+        totals = expected.setdefault((group, names[p["token_id"]], p["model"], str(p["created_at"])[:10]), [0, 0])
+        totals[0] += 1
+        totals[1] += p["cost_micros"] or 0
+    got = {(r["group"], r["token"], r["model"], r["day"]): [r["predictions"], round(float(r["cost_usd"]) * 1e6)]
+           for r in report["rows"]}
+    assert got == expected
+    assert [key[0] for key in got] == ["resold", "resold", None, None], "no group last"
+    assert report["total"]["predictions"] == 4
+    lines = as_csv.splitlines()
+    assert lines[0] == "token,model,day,group,predictions,cost_usd"
+    assert len(lines) == 1 + len(expected)
