@@ -75,8 +75,11 @@ class Upstream:
         return self.config.name
 
     def serves(self, model: str | None) -> bool:
-        """Whether this upstream is configured for `owner/name` (any upstream for an unknown model)."""
-        return model is None or any(fnmatchcase(model, glob) for glob in self.config.models)
+        """Whether this upstream is configured for `owner/name`; a bare version id (None) goes to
+        those that serve every model."""
+        if model is None:
+            return "*" in self.config.models
+        return any(fnmatchcase(model, glob) for glob in self.config.models)
 
     def upstream_model(self, model: str) -> str:
         """Our `owner/name` as this upstream names it."""
@@ -123,8 +126,17 @@ class Registry:
         return self._by_name.get(name)
 
     def candidates(self, model: str | None) -> list[Upstream]:
-        """Upstreams serving `model`, highest priority first, weighted-shuffled within a priority."""
+        """Upstreams serving `model`, highest priority first, weighted-shuffled within a priority.
+
+        A bare version id (None) may be of any model: the upstreams that serve every model come
+        first, and those limited to some models after them, as a last resort (or the only choice
+        of a token group limited to them)."""
         serving = [u for u in self._by_name.values() if u.serves(model)]
+        if model is None:
+            return self._ordered(serving) + self._ordered([u for u in self._by_name.values() if not u.serves(None)])
+        return self._ordered(serving)
+
+    def _ordered(self, serving: list[Upstream]) -> list[Upstream]:
         ordered: list[Upstream] = []
         for priority in sorted({u.config.priority for u in serving}, reverse=True):
             tier = [u for u in serving if u.config.priority == priority]

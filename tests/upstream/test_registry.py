@@ -90,7 +90,12 @@ class TestCandidates:
         registry = Registry([upstream("flux", models=["black-forest-labs/*"]), upstream("all")])
         assert {u.name for u in registry.candidates("black-forest-labs/flux-dev")} == {"flux", "all"}
         assert [u.name for u in registry.candidates("meta/llama")] == ["all"]
-        assert {u.name for u in registry.candidates(None)} == {"flux", "all"}
+
+    def test_a_bare_version_goes_first_to_upstreams_that_serve_every_model(self) -> None:
+        registry = Registry([upstream("flux", models=["black-forest-labs/*"], priority=9), upstream("all")])
+        assert [u.name for u in registry.candidates(None)] == ["all", "flux"], "flux may not know the version"
+        limited = Registry([upstream("flux", models=["black-forest-labs/*"]), upstream("meta", models=["meta/*"])])
+        assert {u.name for u in limited.candidates(None)} == {"flux", "meta"}
 
     def test_model_map(self) -> None:
         mapped = upstream("m", model_map={"black-forest-labs/flux-dev": "bfl/flux-dev-fast"})
