@@ -396,8 +396,8 @@ def scenarios(seed: Seed, database_url: str, team: dict[str, str], sample: dict[
     pages += [
         ("admin", "metrics (a Prometheus scrape)", "/metrics"),
         ("api", "admin API usage, all time, by token and model", "/admin/v1/usage?group_by=token&group_by=model"),
-        ("api", "admin API usage CSV, 90 days by day/token/model",
-         f"/admin/v1/usage?{quarter}&group_by=day&group_by=token&group_by=model&format=csv"),
+        ("api", "admin API usage CSV, a month by day/token/model",
+         f"/admin/v1/usage?{month}&group_by=day&group_by=token&group_by=model&format=csv"),
     ]
     return pages
 
