@@ -35,7 +35,9 @@ class TestBudget:
         check_ledger(gateway.db_url)
 
     def test_an_underestimate_overruns_by_at_most_one_prediction(self, gateway: Gateway) -> None:
-        secret = create_token(gateway.db_url, "tight", budget_micros=20_000)
+        # Estimated at 5,000, costing 10,000: after the first, 10,000 + 5,000 still fits 15,000,
+        # and the second's real cost takes the spend past the budget by its own underestimate.
+        secret = create_token(gateway.db_url, "tight", budget_micros=15_000)
         with gateway.client(secret) as api:
             accepted = 0
             while True:
@@ -44,10 +46,11 @@ class TestBudget:
                     break
                 wait_terminal(api, response.json()["id"])
                 accepted += 1
+            assert_problem(create(api, "underestimated/model"), 402)
         row = token_row(gateway.db_url, "tight")
         assert accepted == 2
         assert row["spent_micros"] == 20_000
-        assert row["spent_micros"] - 20_000 <= 10_000 - 5_000
+        assert 0 < row["spent_micros"] - 15_000 <= 10_000 - 5_000
 
     def test_failures_are_released_unless_the_price_bills_them(self, gateway: Gateway, api: httpx.Client) -> None:
         free = wait_terminal(api, create(api, "budget/model", fail=True).json()["id"])
