@@ -35,6 +35,7 @@ from app.observability import router as observability_router
 from app.outputs.archiver import OutputArchiver
 from app.outputs.router import router as outputs_router
 from app.predictions.fastlane import FastLane, FastRoute
+from app.predictions.headers import MAX_WAIT_SECONDS
 from app.predictions.router import router as predictions_router
 from app.predictions.router import streams_router
 from app.predictions.service import PredictionService
@@ -167,6 +168,8 @@ def create_app(
             try:
                 yield
             finally:
+                await app.state.gateway.predictions.finish_continuing(
+                    max((u.client.longest_create_seconds(MAX_WAIT_SECONDS) for u in registry.all), default=0))
                 stop.set()
                 try:
                     await asyncio.wait_for(reconciling, timeout=settings.request_timeout + 5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import re
+from collections.abc import Coroutine
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -146,7 +147,8 @@ async def _create(
         raise ValidationFailed([{"type": "format", "field": "Idempotency-Key",
                                  "description": "must be 1 to 255 printable ASCII characters"}])
     upstream_wait = max(1, wait - 1) if wait else None
-    prediction, replayed = await _service(state).create(
+    recorded_as: asyncio.Future[Prediction] | None = loop.create_future() if deadline is not None else None
+    creating = _service(state).create(
         token=caller.token, caller_secret=caller.secret, target=target, body=forwarded,
         prefer=f"wait={upstream_wait}" if upstream_wait else None, wait=upstream_wait,
         cancel_after=cancel_after,
@@ -157,7 +159,12 @@ async def _create(
                                else (["completed"] if body.webhook_completed and not body.webhook else None)),
         public_base=public,
         caller_input=body.input,
+        recorded_as=recorded_as,
     )
+    if deadline is None or recorded_as is None:
+        prediction, replayed = await creating
+    else:
+        prediction, replayed = await _created_within(state, creating, recorded_as, deadline)
     if deadline is not None and not prediction.is_terminal:
         prediction = await _service(state).wait_until_final(prediction, deadline=deadline)
     # Clients poll only after "starting"; any other unfinished status would end run() with no output.
@@ -166,6 +173,29 @@ async def _create(
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return response
+
+
+async def _created_within(
+    state: StateDep, creating: Coroutine[Any, Any, tuple[Prediction, bool]],
+    recorded_as: asyncio.Future[Prediction], deadline: float,
+) -> tuple[Prediction, bool]:
+    """The create's outcome, or, if the upstream has not answered it by the sync deadline, the
+    prediction as recorded (`starting`): the create goes on and records its own outcome, which
+    the client's polls then find. Relays can take longer to accept a create than the client
+    waits for its answer (the Python client gives up at N + 0.5 s)."""
+    task = asyncio.ensure_future(creating)
+    loop = asyncio.get_running_loop()
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), max(deadline - loop.time(), 0))
+    except TimeoutError:
+        if not recorded_as.done():
+            # Not recorded yet (the database is slow): nothing to answer with but the outcome.
+            return await task
+        _service(state).continue_in_background(task)
+        return recorded_as.result(), False
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
 
 
 def _respond(prediction: Prediction, public: str, state: StateDep) -> Response:

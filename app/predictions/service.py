@@ -165,6 +165,8 @@ class PredictionService(PredictionRecorder):
         self._hot_reads = hot_reads
         # A create's own writes that met the database away, retried until they land.
         self.deferred = DeferredWrites()
+        # Creates whose callers were answered before the upstream was (a sync wait that ran out).
+        self._continuing: set[asyncio.Task[Any]] = set()
         # Final predictions, which clients poll again and again, served without a database read,
         # each with its answer as already rendered for the public bases it was asked through.
         self._finals: OrderedDict[str, Prediction] = OrderedDict()
@@ -193,9 +195,11 @@ class PredictionService(PredictionRecorder):
         webhook_events_filter: list[str] | None = None,
         public_base: str | None = None,
         caller_input: dict[str, Any] | None = None,
+        recorded_as: asyncio.Future[Prediction] | None = None,
     ) -> tuple[Prediction, bool]:
         """Admit, record, forward, record the outcome; returns the prediction and whether it is
-        an idempotent replay. The row and its reservation exist before any byte leaves."""
+        an idempotent replay. The row and its reservation exist before any byte leaves, and
+        `recorded_as`, if given, is resolved with it then."""
         if target.model is not None and not may_use_model(token, target.model):
             raise Forbidden(f"This token may not run {target.model}")
         if target.model is None and token.model_globs:
@@ -297,6 +301,8 @@ class PredictionService(PredictionRecorder):
                 raise self._database_away(prediction) from None
             raise
 
+        if recorded_as is not None and not recorded_as.done():
+            recorded_as.set_result(_copy(prediction))
         # The client's webhook stays with us; the upstream may get our own inbound URL instead.
         hook = inbound.inbound_url(self._settings, self._key, prediction.id)
         if hook is not None:
@@ -543,6 +549,28 @@ class PredictionService(PredictionRecorder):
             return False
         return row.status != "succeeded" or not any(
             fnmatchcase(row.model, glob) for glob in self._settings.durable_outputs)
+
+    def continue_in_background(self, create: asyncio.Task[Any]) -> None:
+        """Let a create go on after its caller was answered: it records its own outcome, and a
+        failure it raises is only logged, the caller having gone."""
+        self._continuing.add(create)
+        create.add_done_callback(self._continued)
+
+    async def finish_continuing(self, longest_seconds: float) -> None:
+        """Let the creates still going on record their outcome (each is bounded by its own
+        time-outs), for at most `longest_seconds`; cancel the rest, which the reconciler then
+        treats as creates in doubt."""
+        if not self._continuing:
+            return
+        _, late = await asyncio.wait(list(self._continuing), timeout=longest_seconds)
+        for create in late:
+            create.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+
+    def _continued(self, create: asyncio.Task[Any]) -> None:
+        self._continuing.discard(create)
+        if not create.cancelled() and create.exception() is not None:
+            log.info("prediction.create_ended_after_answer", extra={"error": type(create.exception()).__name__})
 
     async def wait_until_final(self, prediction: Prediction, *, deadline: float) -> Prediction:
         """Poll the upstream until the prediction is final or the loop clock reaches `deadline`,

@@ -154,6 +154,25 @@ class TestSyncMode:
         assert time.monotonic() - started < 2.2
         assert response.json()["status"] == "starting"
 
+    def test_a_create_the_upstream_accepts_late_is_answered_as_starting_within_the_wait(
+        self, gateway: Gateway, api: httpx.Client, client: replicate.Client, relay: FakeRelay
+    ) -> None:
+        # The relay holds the create itself for 3 s: the client must not wait for it.
+        relay.fail_next("hang", seconds=3, method="POST")
+        started = time.monotonic()
+        response = api.post("/models/a/b/predictions", json={"input": {}}, headers={"Prefer": "wait=1"})
+        assert time.monotonic() - started < 1.2
+        assert response.status_code == 201, response.text
+        body = response.json()
+        assert body["status"] == "starting"
+        assert relay.creates() == [], "answered before the upstream was"
+        assert wait_terminal(api, body["id"])["status"] == "succeeded"
+        (row,) = rows(gateway.db_url, "prediction")
+        assert (row["submission"], row["upstream_id"]) == ("accepted", relay.creates()[0].prediction_id)
+        relay.fail_next("hang", seconds=3, method="POST")
+        assert len(client.run("black-forest-labs/flux-schnell", input={"prompt": "late"}, wait=1)) == 1
+        assert len(relay.creates()) == 2
+
     @pytest.mark.parametrize("honour", [True, False])
     def test_run_returns_the_output_whether_or_not_it_finishes_within_the_wait(
         self, client: replicate.Client, relay: FakeRelay, honour: bool
