@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.config import Settings
 from app.db import HotReads
+from app.expiring import ExpiringCache
 from app.storage import LocalStorage
 from app.tokens.cache import TokenCache
 
 if TYPE_CHECKING:
     from app.predictions.service import PredictionService
     from app.upstream.registry import Registry
+
+
+# As long as an upstream webhook's signature stays valid, either side of now.
+INBOUND_MEMORY_SECONDS = 600
 
 
 @dataclass
@@ -31,3 +36,6 @@ class GatewayState:
     predictions: PredictionService
     storage: LocalStorage
     token_cache: TokenCache
+    # Signed upstream webhooks heard lately, by webhook-id (app/webhooks/router.py).
+    inbound_heard: ExpiringCache[str, bool] = field(
+        default_factory=lambda: ExpiringCache[str, bool](ttl=INBOUND_MEMORY_SECONDS, max_entries=10_000))

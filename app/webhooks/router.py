@@ -54,6 +54,12 @@ async def receive_upstream_webhook(
         # The raw bytes as received: re-encoded JSON would not match the signature.
         if not verify(secret.get_secret_value(), request.headers, await request.body()):
             raise Unauthenticated("The webhook signature is invalid or too old")
+        # One sent again (a retry, or a replay while its signature is valid) is a no-op, not
+        # another GET to the upstream.
+        message_id = request.headers["webhook-id"]
+        if state.inbound_heard.get(message_id):
+            return Response(status_code=204)
+        state.inbound_heard.put(message_id, True)
     # The payload is never read: the state recorded comes from our own GET to the upstream.
     background.add_task(_refresh, state.predictions, prediction_id)
     return Response(status_code=204)

@@ -130,11 +130,12 @@ def test_both_prefixes_serve_the_inbound_route(gateway_factory: Any, relay: Fake
     assert httpx.post(gateway.url + path, content=b"{}").status_code == 204
 
 
-def _signed(prediction_id: str, *, secret: str = UPSTREAM_SECRET, offset: int = 0) -> tuple[bytes, dict[str, str]]:
+def _signed(prediction_id: str, *, secret: str = UPSTREAM_SECRET, offset: int = 0,
+            message_id: str = "msg_upstream_1") -> tuple[bytes, dict[str, str]]:
     body = _forged(prediction_id)
     timestamp = int(time.time()) + offset
-    headers = {"webhook-id": "msg_upstream_1", "webhook-timestamp": str(timestamp),
-               "webhook-signature": sign(secret, "msg_upstream_1", timestamp, body),
+    headers = {"webhook-id": message_id, "webhook-timestamp": str(timestamp),
+               "webhook-signature": sign(secret, message_id, timestamp, body),
                "Content-Type": "application/json"}
     return body, headers
 
@@ -164,6 +165,22 @@ def test_with_an_upstream_secret_only_signed_webhooks_are_heard(gateway_factory:
     time.sleep(0.2)
     # Even a correctly signed body is only a hint: the relay says processing.
     assert _status(gateway, prediction_id) == "processing"
+
+
+def test_a_signed_webhook_heard_again_is_a_no_op(gateway_factory: Any, relay: FakeRelay) -> None:
+    gateway, _, prediction_id, path = _processing(gateway_factory, relay, upstream_webhook_secret=UPSTREAM_SECRET)
+    url = gateway.url + path
+
+    def gets_after(body: bytes, headers: dict[str, str]) -> int:
+        before = _upstream_gets(relay)
+        assert httpx.post(url, content=body, headers=headers).status_code == 204
+        time.sleep(0.5)
+        return _upstream_gets(relay) - before
+
+    first = _signed(prediction_id, message_id="msg_once")
+    assert gets_after(*first) == 1
+    assert gets_after(*first) == 0, "the same webhook-id again asks the upstream nothing"
+    assert gets_after(*_signed(prediction_id, message_id="msg_next")) == 1
 
 
 def test_a_hint_brings_the_upstream_state_in_without_any_poll(gateway_factory: Any, relay: FakeRelay) -> None:
