@@ -344,7 +344,7 @@ def _serve(settings: Settings, host: str, port: int, *, demo: bool) -> int:
     import uvicorn
 
     from app.main import create_app
-    from app.serving import GatewayHttpProtocol
+    from app.serving import DrainingServer, GatewayHttpProtocol
 
     migrate(settings.database_url)
     transport = None
@@ -372,10 +372,13 @@ def _serve(settings: Settings, host: str, port: int, *, demo: bool) -> int:
     # uvicorn builds its access line's arguments for every response, even when the level then
     # drops it: it is asked for only when INFO lines are kept. No Server header names the stack.
     access_log = logging.getLogger("uvicorn.access").isEnabledFor(logging.INFO)
-    uvicorn.run(app, host=host, port=port, log_config=None, proxy_headers=False,
-                access_log=access_log, server_header=False,
-                loop="uvloop" if sys.platform != "win32" else "asyncio", http=GatewayHttpProtocol)
-    return 0
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, proxy_headers=False,
+                            access_log=access_log, server_header=False,
+                            loop="uvloop" if sys.platform != "win32" else "asyncio", http=GatewayHttpProtocol,
+                            timeout_graceful_shutdown=settings.drain_seconds)
+    server = DrainingServer(config, on_drain=app.drain)
+    server.run()
+    return 0 if server.started else 1
 
 
 def _announce_demo(settings: Settings, host: str, port: int) -> None:

@@ -111,6 +111,8 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     default_estimate: Decimal = Field(default=Decimal(0), ge=0)  # USD held for unpriced models
     reconcile_interval: float = Field(default=2.0, gt=0)
+    # On SIGTERM: how long requests still in progress may take before they are cut.
+    drain_seconds: int = Field(default=70, ge=1)
     poll_backoff_max: float = Field(default=30.0, gt=0)
     max_prediction_seconds: float = Field(default=1800.0, gt=0)
     storage_dir: Path = Path("./data")

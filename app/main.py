@@ -73,6 +73,12 @@ class GatewayApp(FastAPI):
         """The framework's own handling: its middleware stack, routing and dependencies."""
         await super().__call__(scope, receive, send)
 
+    def drain(self) -> None:
+        """The server stops taking requests: open event streams end now (app/serving.py)."""
+        gateway = getattr(self.state, "gateway", None)
+        if gateway is not None:
+            gateway.draining = True
+
     def fast_route(self, scope: Scope) -> FastRoute | None:
         """The fast lane's route for this HTTP request, if it serves it (app/serving.py)."""
         return None if self.fast_lane is None else self.fast_lane.route(scope)
@@ -109,7 +115,7 @@ def create_app(
     settings: Settings | None = None,
     *,
     upstream_transport: httpx.AsyncBaseTransport | None = None,
-) -> FastAPI:
+) -> GatewayApp:
     """Build the gateway; `upstream_transport` lets the demo and tests supply the upstream."""
     settings = settings or Settings()
     configure_logging(settings.log_level, _secret_values(settings), RequestIdFilter())

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol, cast
 
+import uvicorn
 from starlette.types import Receive, Scope
 from uvicorn.protocols.http.httptools_impl import (
     STATUS_LINE,
@@ -134,3 +135,16 @@ async def _answer_directly(cycle: RequestResponseCycle, app: DirectApp, route: A
         else:
             problem = problem_response(GatewayError("An unexpected error occurred"))
             await respond(problem.status_code, problem.raw_headers, bytes(problem.body))
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, telling the app when its graceful shutdown begins (`on_drain`), so that
+    what would keep a connection open for long, an event stream, can end itself at once."""
+
+    def __init__(self, config: uvicorn.Config, on_drain: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_drain = on_drain
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        self._on_drain()
+        await super().shutdown(sockets)

@@ -36,6 +36,8 @@ class GatewayState:
     predictions: PredictionService
     storage: LocalStorage
     token_cache: TokenCache
+    # Set when the server begins its graceful shutdown: open event streams end with an error.
+    draining: bool = False
     # Signed upstream webhooks heard lately, by webhook-id (app/webhooks/router.py).
     inbound_heard: ExpiringCache[str, bool] = field(
         default_factory=lambda: ExpiringCache[str, bool](ttl=INBOUND_MEMORY_SECONDS, max_entries=10_000))

@@ -377,5 +377,6 @@ async def stream_prediction(ref: str, state: StateDep) -> Response:
         raise NotFound("The requested stream could not be found")
     body = stream.events(prediction, _service(state).refreshed,
                          poll_interval=state.settings.stream_poll_interval,
-                         keepalive_interval=state.settings.stream_keepalive_interval)
+                         keepalive_interval=state.settings.stream_keepalive_interval,
+                         stopping=lambda: state.draining)
     return StreamingResponse(body, media_type="text/event-stream", headers=STREAM_HEADERS)

@@ -16,6 +16,7 @@ import orjson
 from app.predictions.models import Prediction
 
 KEEPALIVE = b": keepalive\n\n"
+SHUTDOWN_DETAIL = "The gateway is restarting; the prediction goes on: poll it or stream it again"
 
 
 def sse(event: str, data: str, event_id: str) -> bytes:
@@ -43,6 +44,11 @@ class StreamCursor:
     def _emit(self, event: str, data: str) -> None:
         self.pending.append(sse(event, data, f"{self.prefix}:{self.events}"))
         self.events += 1
+
+    def interrupted(self, detail: str) -> bytes:
+        """The `error` event that ends a stream before its prediction does."""
+        self._emit("error", orjson.dumps({"detail": detail}).decode())
+        return self.pending.pop()
 
     def advance(self, prediction: Prediction) -> list[bytes]:
         """The events for what changed since the last call, and `error`/`done` when final."""
@@ -80,9 +86,12 @@ async def events(
     *,
     poll_interval: float,
     keepalive_interval: float = 15.0,
+    stopping: Callable[[], bool] = lambda: False,
 ) -> AsyncIterator[bytes]:
     """Events until the prediction is final; a keep-alive comment whenever nothing was sent for
-    `keepalive_interval` seconds (Python's client gives up after 30 s of silence)."""
+    `keepalive_interval` seconds (Python's client gives up after 30 s of silence). When
+    `stopping()` turns true (the gateway shuts down) an unfinished stream ends with an `error`
+    event: the prediction goes on, and its client can poll it or stream it again elsewhere."""
     loop = asyncio.get_running_loop()
     cursor = StreamCursor(prefix=str(int(prediction.created_at.timestamp())))
     quiet_since = loop.time()
@@ -94,6 +103,9 @@ async def events(
         if chunks:
             quiet_since = loop.time()
         if row.is_terminal:
+            return
+        if stopping():
+            yield cursor.interrupted(SHUTDOWN_DETAIL)
             return
         if loop.time() - quiet_since >= keepalive_interval:
             yield KEEPALIVE
