@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import re
@@ -377,7 +378,10 @@ def _serve(settings: Settings, host: str, port: int, *, demo: bool) -> int:
                             loop="uvloop" if sys.platform != "win32" else "asyncio", http=GatewayHttpProtocol,
                             timeout_graceful_shutdown=settings.drain_seconds)
     server = DrainingServer(config, on_drain=app.drain)
-    server.run()
+    # uvicorn raises the signal that stopped it again once it has shut down: Ctrl-C's then
+    # surfaces here, as with uvicorn.run.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
     return 0 if server.started else 1
 
 
