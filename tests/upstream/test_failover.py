@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -197,20 +198,30 @@ def test_a_running_prediction_is_read_cancelled_and_streamed_at_its_owner_only(
 ) -> None:
     gateway, api = start(gateway_factory, relay, second)
     second.processing_seconds = 30
-    with api, httpx.Client(timeout=10) as anonymous:
+    with api:
         relay.fail_next("throttle", retry_after=1, method="POST")
         prediction = create(api, "llm/echo", text="owned elsewhere").json()
         primary_calls = len(relay.calls)
+        events: list[str] = []
+
+        def stream() -> None:  # open while the prediction runs: it refreshes from the upstream
+            with httpx.stream("GET", prediction["urls"]["stream"], timeout=10) as response:
+                events.extend(response.iter_lines())
+
+        streaming = threading.Thread(target=stream)
+        streaming.start()
         assert api.get(f"/predictions/{prediction['id']}").json()["status"] in ("starting", "processing")
+        time.sleep(1.2)
         canceled = api.post(f"/predictions/{prediction['id']}/cancel")
         assert canceled.status_code == 200
         assert canceled.json()["status"] == "canceled"
-        events = anonymous.get(prediction["urls"]["stream"]).text
+        streaming.join(timeout=10)
     assert "event: done" in events
     assert len(relay.calls) == primary_calls == 1, "only the throttled create reached the primary"
     upstream_id = second.creates()[0].prediction_id
     assert any(c.method == "POST" and c.path.endswith(f"/predictions/{upstream_id}/cancel") for c in second.calls)
-    assert any(c.method == "GET" and c.path.endswith(f"/predictions/{upstream_id}") for c in second.calls)
+    gets = [c for c in second.calls if c.method == "GET" and c.path.endswith(f"/predictions/{upstream_id}")]
+    assert len(gets) >= 2, "the poll and the stream's refreshes asked the owner"
     assert second.predictions[upstream_id]["status"] == "canceled"
     (row,) = rows(gateway.db_url, "prediction")
     assert (row["upstream"], row["status"]) == ("secondary", "canceled")
