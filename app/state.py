@@ -12,6 +12,7 @@ from app.db import HotReads
 from app.expiring import ExpiringCache
 from app.storage import LocalStorage
 from app.tokens.cache import TokenCache
+from app.webhooks.signing import TOLERANCE_SECONDS
 
 if TYPE_CHECKING:
     from app.predictions.service import PredictionService
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 
 
 # As long as an upstream webhook's signature stays valid, either side of now.
-INBOUND_MEMORY_SECONDS = 600
+INBOUND_MEMORY_SECONDS = 2 * TOLERANCE_SECONDS
 
 
 @dataclass

@@ -24,11 +24,13 @@ UNFINISHED = ("starting", "processing")
 Row = tuple[tuple[str | None, ...], int, int]
 
 
-def _start(day: date) -> datetime:
+def day_start(day: date) -> datetime:
+    """The first instant of a UTC day."""
     return datetime.combine(day, time(), UTC)
 
 
-def _day_text(value: Any) -> str:
+def day_text(value: Any) -> str:
+    """A day as `YYYY-MM-DD`, from a date or the text a driver gives for one."""
     return value.isoformat() if isinstance(value, date) else str(value)[:10]
 
 
@@ -65,10 +67,10 @@ async def grouped(
         finished = finished.outerjoin(TokenGroup, TokenGroup.id == ApiToken.group_id)
     if since is not None:
         finished = finished.where(UsageDaily.day >= since)
-        running = running.where(Prediction.created_at >= _start(since))
+        running = running.where(Prediction.created_at >= day_start(since))
     if until is not None:
         finished = finished.where(UsageDaily.day <= until)
-        running = running.where(Prediction.created_at < _start(until + timedelta(days=1)))
+        running = running.where(Prediction.created_at < day_start(until + timedelta(days=1)))
     if token_id is not None:
         # The running ones are filtered here, not by the database: by the token's own index it
         # could walk all of that token's predictions in the range.
@@ -82,7 +84,7 @@ async def grouped(
     for *values, count, micros in await connection.execute(finished):
         if count:
             if day_at is not None:
-                values[day_at] = _day_text(values[day_at])
+                values[day_at] = day_text(values[day_at])
             totals[tuple(values)] = [int(count), int(micros or 0)]
     for created_at, owner, token, model, group in await connection.execute(running):
         if token_id is not None and owner != token_id:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import date, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.accounting import usage
 from app.accounting.daily import UsageDaily
 from app.accounting.models import LedgerEntry
-from app.accounting.usage import GROUP_KEYS, UNFINISHED
+from app.accounting.usage import GROUP_KEYS, UNFINISHED, day_start, day_text
 from app.predictions.models import Prediction, Submission
 from app.tokens.models import ApiToken
 
@@ -55,14 +55,6 @@ class Overview:
     other_models: Totals | None = None
 
 
-def _start(day: date) -> datetime:
-    return datetime.combine(day, time(), UTC)
-
-
-def _day_text(value: Any) -> str:
-    return value.isoformat() if isinstance(value, date) else str(value)[:10]
-
-
 async def _rollup(session: AsyncSession, group: Any, token_id: str | None, since: date, until: date
                   ) -> list[Any]:
     query = select(group, func.sum(UsageDaily.predictions), func.sum(UsageDaily.failed),
@@ -80,7 +72,7 @@ async def _unfinished(session: AsyncSession, token_id: str | None, since: date, 
     make the database walk all of that token's rows in the range."""
     query = select(Prediction.created_at, Prediction.token_id, Prediction.model).where(
         Prediction.status.in_(UNFINISHED), Prediction.submission != Submission.REJECTED,
-        Prediction.created_at >= _start(since), Prediction.created_at < _start(until + timedelta(days=1)),
+        Prediction.created_at >= day_start(since), Prediction.created_at < day_start(until + timedelta(days=1)),
     )
     counts: Counter[tuple[str, str, str]] = Counter()
     for created_at, owner, model in (await session.execute(query)).all():
@@ -116,14 +108,14 @@ async def overview(session: AsyncSession, *, token_id: str | None, since: date, 
     tokens: dict[str, Totals] = {}
     models: dict[str, Totals] = {}
     total = Totals(key="total")
-    for target, group, keyed in ((days, UsageDaily.day, _day_text), (tokens, UsageDaily.token_id, str),
+    for target, group, keyed in ((days, UsageDaily.day, day_text), (tokens, UsageDaily.token_id, str),
                                  (models, UsageDaily.model, str)):
         for key, predictions, failed, cost in await _rollup(session, group, token_id, since, until):
             name = keyed(key)
             target.setdefault(name, Totals(key=name, label=name)).add(
                 int(predictions or 0), int(failed or 0), 0, int(cost or 0))
     for day, owner, model, count in await _unfinished(session, token_id, since, until):
-        for target, key in ((days, _day_text(day)), (tokens, owner), (models, model)):
+        for target, key in ((days, day_text(day)), (tokens, owner), (models, model)):
             target.setdefault(key, Totals(key=key, label=key)).add(int(count), 0, int(count), 0)
     for day_totals in days.values():
         total.add(day_totals.predictions, day_totals.failed, day_totals.running, day_totals.cost_micros)
