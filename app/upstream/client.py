@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import random
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -31,6 +33,13 @@ log = logging.getLogger(__name__)
 Observer = Callable[[str, str, float | None, str | None], None]
 DEFAULT_RETRY_AFTER = 5
 MAX_RETRY_AFTER = 600
+# An idempotent GET is sent again at most this many times, after a pause of about
+# READ_RETRY_PAUSE, then twice that, each drawn between half and one and a half times it.
+READ_RETRIES = 2
+READ_RETRY_PAUSE = 0.1
+# A retry needs at least this much of the read's time left to be worth sending.
+_LEAST_RETRY_SECONDS = 0.25
+_TRANSIENT_STATUSES = frozenset({502, 503, 504})
 _URL_PATTERN = re.compile(r"\b(?:https?|wss?)://[^\s\"'<>]+", re.IGNORECASE)
 _STATUS_TITLES = {400: "Bad Request", 402: "Payment Required", 404: "Not found", 409: "Conflict",
                   413: "Request Entity Too Large", 422: "Input validation failed"}
@@ -48,6 +57,18 @@ def _segment(value: str) -> str:
     """One percent-encoded path segment; "." and ".." too, which URL joining would resolve."""
     encoded = quote(value, safe="")
     return encoded.replace(".", "%2E") if encoded in (".", "..") else encoded
+
+
+def _transient(error: GatewayError) -> bool:
+    """Whether a failed idempotent read is worth sending again at once: the connection failed or
+    broke, or the upstream (or a proxy before it) answered 502, 503 or 504 without asking for a
+    longer wait. Not after a time-out, which has spent the read's time already."""
+    if isinstance(error, UpstreamUnavailable):
+        return True
+    if isinstance(error, UpstreamStatus) and error.status in _TRANSIENT_STATUSES:
+        retry_after = error.headers.get("Retry-After")
+        return retry_after is None or int(retry_after) <= 1
+    return False
 
 
 def _is_seconds(value: str) -> bool:
@@ -173,7 +194,7 @@ class UpstreamClient:
 
     async def get_prediction(self, upstream_id: str) -> dict[str, Any]:
         """GET one prediction by its upstream id."""
-        reply: dict[str, Any] = await self._call("GET", "v1/predictions/" + _segment(upstream_id), operation="get")
+        reply: dict[str, Any] = await self._read("v1/predictions/" + _segment(upstream_id), operation="get")
         return reply
 
     async def cancel_prediction(self, upstream_id: str) -> dict[str, Any]:
@@ -184,7 +205,31 @@ class UpstreamClient:
 
     async def get_json(self, path: str) -> Any:
         """GET any read-only JSON resource, such as a model or a version."""
-        return await self._call("GET", path, expect_object=False)
+        return await self._read(path, operation="read", expect_object=False)
+
+    async def _read(self, path: str, *, operation: str, expect_object: bool = True) -> Any:
+        """GET, sent again at most READ_RETRIES times after a failure a moment may mend, all
+        within the time one GET is allowed: retries never make a read slower than its worst case."""
+        deadline = time.monotonic() + self.longest_call_seconds()
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return await self._call(
+                    "GET", path, operation=operation, expect_object=expect_object,
+                    connect_timeout=min(self._connect_timeout, remaining),
+                    read_timeout=min(self._request_timeout, remaining),
+                )
+            except UpstreamFailure as failure:
+                attempt += 1
+                if attempt > READ_RETRIES or not _transient(failure.error):
+                    raise
+                pause = READ_RETRY_PAUSE * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)  # noqa: S311  (jitter, not security)
+                if deadline - time.monotonic() - pause < _LEAST_RETRY_SECONDS:
+                    raise
+                log.info("upstream.read_retried", extra={"upstream": self.name, "operation": operation,
+                                                          "attempt": attempt, "status": failure.error.status})
+                await asyncio.sleep(pause)
 
     async def _call(
         self,
@@ -194,6 +239,7 @@ class UpstreamClient:
         operation: str = "read",
         content: bytes | None = None,
         headers: dict[str, str] | None = None,
+        connect_timeout: float | None = None,
         read_timeout: float | None = None,
         expect_object: bool = True,
     ) -> Any:
@@ -202,7 +248,8 @@ class UpstreamClient:
         try:
             status, response_headers, body = await self._exchange(
                 method, path, content=content, headers=headers,
-                connect_timeout=self._connect_timeout, read_timeout=read_timeout,
+                connect_timeout=self._connect_timeout if connect_timeout is None else connect_timeout,
+                read_timeout=read_timeout,
             )
             return self._interpret(status, response_headers, body, expect_object=expect_object)
         except UpstreamFailure as failure:

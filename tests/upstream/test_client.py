@@ -282,7 +282,9 @@ class TestErrorMapping:
     ) -> None:
         recorder = Recorder(response)
         failure = await failure_of(recorder, call)
-        assert len(recorder.requests) == 1
+        # A GET is sent again twice after a bad gateway, an unavailable service or a gateway
+        # time-out; a create never is.
+        assert len(recorder.requests) == (3 if call == "get" and response.status_code in (502, 503, 504) else 1)
         assert type(failure.error) is error_type
         assert failure.error.status == status
         assert failure.maybe_sent is maybe_sent
