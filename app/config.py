@@ -83,7 +83,8 @@ class UpstreamConfig(BaseModel):
         """The upstream key, from `token` or the environment variable `token_env`."""
         if self.token is not None:
             return self.token.get_secret_value()
-        return os.environ.get(self.token_env) if self.token_env else None
+        # An empty variable counts as unset, as compose's `${VAR:-}` gives.
+        return (os.environ.get(self.token_env) or None) if self.token_env else None
 
 
 class Settings(BaseSettings):
@@ -151,6 +152,12 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")) or "#" in value or "?" in value:
             raise ValueError("must be an absolute http(s) URL without query or fragment")
         return value
+
+    @field_validator("upstream_token", mode="before")
+    @classmethod
+    def _upstream_token(cls, value: Any) -> Any:
+        # Empty counts as unset, as compose's `${VAR:-}` gives, so no "Bearer " goes upstream.
+        return None if value == "" else value
 
     @field_validator("redis_url", mode="before")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -12,6 +13,8 @@ import httpx
 
 from app.config import Settings, UpstreamConfig
 from app.upstream.client import Observer, UpstreamClient
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -101,10 +104,15 @@ class Registry:
         """One pooled client per configured upstream."""
         upstreams = []
         for config in settings.effective_upstreams():
+            token = config.resolved_token()
+            if token is None and transport is None:
+                # Legitimate for a relay that needs no key, but far more often a variable
+                # that was never set: said at start-up, not by every create's 502.
+                log.warning("upstream.no_token", extra={"upstream": config.name, "token_env": config.token_env})
             client = UpstreamClient(
                 name=config.name,
                 base_url=config.url,
-                token=config.resolved_token(),
+                token=token,
                 connect_timeout=config.connect_timeout or settings.connect_timeout,
                 request_timeout=config.request_timeout or settings.request_timeout,
                 create_timeout=config.create_timeout or settings.create_timeout,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
 from collections import Counter
 from typing import Any
@@ -127,3 +129,23 @@ class TestConfig:
         with pytest.raises(ValueError, match="unique"):
             Settings(_env_file=None, upstreams=[  # type: ignore[call-arg]
                 UpstreamConfig(name="a", url="https://a.example"), UpstreamConfig(name="a", url="https://b.example")])
+
+    def test_an_empty_key_counts_as_unset(self, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        # compose's `${VAR:-}` gives an empty value: no "Authorization: Bearer " may follow from it.
+        monkeypatch.setenv("RELAY_B_KEY", "")
+        settings = Settings(_env_file=None, upstream_token="")  # type: ignore[call-arg]
+        assert settings.effective_upstreams()[0].resolved_token() is None
+        assert UpstreamConfig(name="b", url="https://b.example", token_env="RELAY_B_KEY").resolved_token() is None
+
+    def test_an_upstream_without_a_key_is_named_at_start_up(self, caplog: pytest.LogCaptureFixture) -> None:
+        settings = Settings(_env_file=None, upstreams=[  # type: ignore[call-arg]
+            UpstreamConfig(name="keyed", url="https://a.example", token="sk-a-secret-key"),
+            UpstreamConfig(name="unkeyed", url="https://b.example", token_env="RELAY_NEVER_SET_KEY")])
+        with caplog.at_level(logging.WARNING, logger="app.upstream.registry"):
+            registry = Registry.from_settings(settings)
+        warned = [(r.getMessage(), getattr(r, "upstream", None), getattr(r, "token_env", None))
+                  for r in caplog.records]
+        assert warned == [("upstream.no_token", "unkeyed", "RELAY_NEVER_SET_KEY")]
+        assert "sk-a-secret-key" not in caplog.text
+        for upstream in registry.all:
+            asyncio.run(upstream.client.aclose())
