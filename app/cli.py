@@ -360,8 +360,6 @@ def _serve(settings: Settings, host: str, port: int, *, demo: bool) -> int:
         settings = settings.model_copy(
             update={"upstream_url": DEMO_UPSTREAM_URL, "upstream_token": None, "upstreams": []})
         _announce_demo(settings, host, port)
-    elif settings.upstream_token is None:
-        sys.stderr.write("replicate-gateway: warning: GATEWAY_UPSTREAM_TOKEN is not set\n")
     app = create_app(settings, upstream_transport=transport)
     if demo_app is not None:
         app.mount("/demo", demo_app)
