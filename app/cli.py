@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import orjson
+from sqlalchemy.engine import Connection
 
 from app.accounting import usage as usage_report
 from app.accounting.pricing import ONE_PPM, to_micros
@@ -330,12 +331,17 @@ def _groups(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _usage(settings: Settings, args: argparse.Namespace) -> int:
-    async def work(session: Any) -> str:
+    def text(connection: Connection) -> str:
         if args.format == "csv":
-            return usage_report.csv_text(*await usage_report.grouped(
-                session, since=args.since, until=args.until, group_by=args.group_by))
-        result = await usage_report.report(session, since=args.since, until=args.until, group_by=args.group_by)
+            return usage_report.csv_text(*usage_report.grouped(
+                connection, since=args.since, until=args.until, group_by=args.group_by))
+        result = usage_report.report(connection, since=args.since, until=args.until, group_by=args.group_by)
         return orjson.dumps(result).decode() if args.format == "json" else usage_report.as_table(result)
+
+    async def work(session: Any) -> str:
+        connection = await session.connection()
+        result: str = await connection.run_sync(text)
+        return result
 
     _print(run_sync(_with_session(settings, work)))
     return 0

@@ -18,6 +18,7 @@ from app.config import Settings
 from app.dashboard.router import router as dashboard_router
 from app.db import (
     HotReads,
+    ReportReads,
     Transactions,
     make_engine,
     make_read_sessionmaker,
@@ -128,6 +129,7 @@ def create_app(
         engine = make_engine(settings.database_url, pool_size=settings.database_pool_size)
         registry: Registry | None = None
         hot_reads: HotReads | None = None
+        report_reads: ReportReads | None = None
         transactions: Transactions | None = None
         redis = limits.connect(settings)
         try:
@@ -138,6 +140,7 @@ def create_app(
             sessions = make_sessionmaker(engine)
             read_sessions = make_read_sessionmaker(engine)
             hot_reads = HotReads(engine, read_sessions)
+            report_reads = ReportReads(engine, read_sessions)
             transactions = Transactions(engine, sessions)
             async with sessions() as session:
                 key = await load_instance_key(
@@ -150,6 +153,7 @@ def create_app(
                 sessions=sessions,
                 read_sessions=read_sessions,
                 hot_reads=hot_reads,
+                report_reads=report_reads,
                 registry=registry,
                 key=key,
                 predictions=PredictionService(
@@ -195,6 +199,8 @@ def create_app(
                 await redis.aclose()
             if hot_reads is not None:
                 hot_reads.dispose()
+            if report_reads is not None:
+                report_reads.dispose()
             if transactions is not None:
                 transactions.dispose()
             await engine.dispose()

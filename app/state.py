@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.config import Settings
-from app.db import HotReads
+from app.db import HotReads, ReportReads
 from app.expiring import ExpiringCache
 from app.storage import LocalStorage
 from app.tokens.cache import TokenCache
@@ -32,6 +32,7 @@ class GatewayState:
     sessions: async_sessionmaker[AsyncSession]
     read_sessions: async_sessionmaker[AsyncSession]
     hot_reads: HotReads
+    report_reads: ReportReads
     registry: Registry
     key: bytes
     predictions: PredictionService

@@ -9,7 +9,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 from sqlalchemy import String, func, select, type_coerce
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.engine import Connection
 
 from app.accounting.daily import UsageDaily
 from app.accounting.pricing import usd_text
@@ -34,8 +34,8 @@ def day_text(value: Any) -> str:
     return value.isoformat() if isinstance(value, date) else str(value)[:10]
 
 
-async def grouped(
-    session: AsyncSession,
+def grouped(
+    connection: Connection,
     *,
     since: date | None = None,
     until: date | None = None,
@@ -48,7 +48,8 @@ async def grouped(
     Finished predictions come from the daily rollup, which the settlement keeps in step with the
     ledger, and the few still running from the prediction table through its status index: a
     month of a busy gateway is hundreds of thousands of predictions, and adding them up on
-    every report took seconds (2.4 s for a quarter at a million on SQLite)."""
+    every report took seconds (2.4 s for a quarter at a million on SQLite). Run it through
+    `ReportReads`, which keeps it off the event loop's thread."""
     unknown = [key for key in group_by if key not in GROUP_KEYS]
     if unknown:
         raise ValueError(f"cannot group by {', '.join(unknown)}")
@@ -79,14 +80,13 @@ async def grouped(
         finished = finished.group_by(*selected)
     totals: dict[tuple[str | None, ...], list[int]] = {}
     # Core rows, not ORM ones: a month of every token and model is tens of thousands of groups.
-    connection = await session.connection()
     day_at = keys.index("day") if "day" in keys else None
-    for *values, count, micros in await connection.execute(finished):
+    for *values, count, micros in connection.execute(finished):
         if count:
             if day_at is not None:
                 values[day_at] = day_text(values[day_at])
             totals[tuple(values)] = [int(count), int(micros or 0)]
-    for created_at, owner, token, model, group in await connection.execute(running):
+    for created_at, owner, token, model, group in connection.execute(running):
         if token_id is not None and owner != token_id:
             continue
         found = {"token": token, "model": model, "day": created_at.date().isoformat(), "group": group}
@@ -98,8 +98,8 @@ async def grouped(
     return keys, [(group, count, micros) for group, (count, micros) in ordered]
 
 
-async def report(
-    session: AsyncSession,
+def report(
+    connection: Connection,
     *,
     since: date | None = None,
     until: date | None = None,
@@ -107,7 +107,7 @@ async def report(
 ) -> dict[str, Any]:
     """Counts and exact USD costs per group; `until` is inclusive, days are UTC (of creation);
     `group` is the token's group now (null for none). Refused creates are not counted."""
-    keys, groups = await grouped(session, since=since, until=until, group_by=group_by)
+    keys, groups = grouped(connection, since=since, until=until, group_by=group_by)
     rows = []
     for values, count, micros in groups:
         row: dict[str, Any] = dict(zip(keys, values, strict=True))

@@ -348,13 +348,14 @@ async def get_usage(
     """Predictions and exact cost, grouped as the `usage` command groups them; JSON or CSV."""
     if report_format not in ("json", "csv"):
         raise BadRequest("format must be json or csv")
+    keys = group_by or []
     try:
-        async with state.read_sessions() as session:
-            if report_format == "csv":
-                text = usage_report.csv_text(*await usage_report.grouped(
-                    session, since=since, until=until, group_by=group_by or []))
-                return Response(text, media_type="text/csv")
-            result = await usage_report.report(session, since=since, until=until, group_by=group_by or [])
+        if report_format == "csv":
+            text = await state.report_reads.run(lambda connection: usage_report.csv_text(
+                *usage_report.grouped(connection, since=since, until=until, group_by=keys)))
+            return Response(text, media_type="text/csv")
+        result = await state.report_reads.run(
+            lambda connection: usage_report.report(connection, since=since, until=until, group_by=keys))
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
     return _json(result)

@@ -9,6 +9,7 @@ from datetime import date, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.accounting import usage
@@ -128,12 +129,11 @@ async def overview(session: AsyncSession, *, token_id: str | None, since: date, 
                     models=top_models, total=total, other_tokens=other_tokens, other_models=other_models)
 
 
-async def usage_csv(session: AsyncSession, *, token_id: str | None, since: date, until: date,
-                    group_by: Sequence[str]) -> str:
+def usage_csv(connection: Connection, *, token_id: str | None, since: date, until: date,
+              group_by: Sequence[str]) -> str:
     """The usage report's CSV (same columns, rows and order as `usage --format csv`)."""
     keys = [key for key in group_by if key in GROUP_KEYS]
-    return usage.csv_text(*await usage.grouped(session, since=since, until=until, group_by=keys,
-                                                token_id=token_id))
+    return usage.csv_text(*usage.grouped(connection, since=since, until=until, group_by=keys, token_id=token_id))
 
 
 async def tokens_page(session: AsyncSession, *, after: str | None, only: str | None

@@ -440,9 +440,8 @@ async def usage_csv(request: Request, state: StateDep) -> Response:
         raise Unauthenticated("Sign in to the dashboard first")
     since, until = _range(request)
     group_by = [g for g in request.query_params.getlist("group_by") if g in usage_report.GROUP_KEYS] or ["day"]
-    async with state.read_sessions() as session:
-        text = await queries.usage_csv(session, token_id=viewer.token_id, since=since, until=until,
-                                       group_by=group_by)
+    text = await state.report_reads.run(lambda connection: queries.usage_csv(
+        connection, token_id=viewer.token_id, since=since, until=until, group_by=group_by))
     filename = f"usage-{since.isoformat()}-{until.isoformat()}.csv"
     return Response(text, media_type="text/csv; charset=utf-8", headers={
         **render.SECURITY_HEADERS, "Content-Disposition": f'attachment; filename="{filename}"'})
