@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from app.logging import JsonFormatter
 from app.main import create_app
 from tests.dbtools import create_token, truncate_all
 from tests.fakes.relay import FakeRelay
+from tests.helpers import JS_DIR
 from tests.invariants import check_all
 from tests.servers import ServerThread
 
@@ -142,6 +144,17 @@ class Gateway:
         """A plain HTTP client for the gateway's API, authenticated with `token`."""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return httpx.Client(base_url=self.replicate_base + "/v1", headers=headers, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def npm_client() -> Path:
+    """The official npm client, installed by the test set-up from tests/js/package.json."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("node and npm are not installed")
+    if not (JS_DIR / "node_modules" / "replicate").is_dir():
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--silent"], cwd=JS_DIR,
+                       check=True, timeout=300)
+    return JS_DIR
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,6 +18,7 @@ import httpx
 from tests.dbtools import rows
 
 TERMINAL = {"succeeded", "failed", "canceled"}
+JS_DIR = Path(__file__).resolve().parent / "js"
 
 
 def free_port() -> int:
@@ -111,3 +114,12 @@ def same_minute(margin: float = 10) -> None:
     left = 60 - time.time() % 60
     if left < margin:
         time.sleep(left + 0.2)
+
+
+def node(script: str, gateway: Any, token: str, *args: str) -> Any:
+    """Run a script of tests/js with the official npm client against `gateway`; its JSON output."""
+    env = {**os.environ, "GATEWAY_TOKEN": token, "GATEWAY_BASE": gateway.replicate_base + "/v1"}
+    result = subprocess.run(["node", str(JS_DIR / script), *args], env=env, capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)

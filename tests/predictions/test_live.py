@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -17,9 +13,7 @@ import replicate
 from tests.conftest import Gateway
 from tests.dbtools import rows
 from tests.fakes.relay import FakeRelay
-from tests.helpers import assert_problem, create, wait_terminal
-
-JS_DIR = Path(__file__).resolve().parent.parent / "js"
+from tests.helpers import assert_problem, create, node, wait_terminal
 
 
 def sse_events(text: str) -> list[tuple[str, str]]:
@@ -39,25 +33,6 @@ def sse_events(text: str) -> list[tuple[str, str]]:
 @pytest.fixture
 def client(gateway: Gateway, token: str) -> replicate.Client:
     return replicate.Client(api_token=token, base_url=gateway.replicate_base)
-
-
-@pytest.fixture(scope="session")
-def npm_client() -> Path:
-    """The official npm client, installed by the test set-up from tests/js/package.json."""
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.skip("node and npm are not installed")
-    if not (JS_DIR / "node_modules" / "replicate").is_dir():
-        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--silent"], cwd=JS_DIR,
-                       check=True, timeout=300)
-    return JS_DIR
-
-
-def node(script: str, gateway: Gateway, token: str, *args: str) -> Any:
-    env = {**os.environ, "GATEWAY_TOKEN": token, "GATEWAY_BASE": gateway.replicate_base + "/v1"}
-    result = subprocess.run(["node", str(JS_DIR / script), *args], env=env, capture_output=True,
-                            text=True, timeout=60, check=False)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 class TestStreaming:
