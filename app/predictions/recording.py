@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import Select, Update, bindparam, update
 from sqlalchemy.engine import Connection
 
+from app import crashpoints
 from app.accounting import pricing
 from app.accounting import service as accounting
 from app.accounting.limits import SharedLimits
@@ -222,6 +223,7 @@ class PredictionRecorder:
         finally:
             self._recorded(prediction_id)
         if closed:
+            crashpoints.reached("prediction.settled")
             await self._limits.release(row.token_id, prediction_id)
         return row
 

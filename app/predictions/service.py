@@ -20,6 +20,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app import crashpoints
 from app.accounting import pricing
 from app.accounting import service as accounting
 from app.accounting.limits import SharedLimits
@@ -303,6 +304,7 @@ class PredictionService(PredictionRecorder):
 
         if recorded_as is not None and not recorded_as.done():
             recorded_as.set_result(_copy(prediction))
+        crashpoints.reached("create.recorded")
         # The client's webhook stays with us; the upstream may get our own inbound URL instead.
         hook = inbound.inbound_url(self._settings, self._key, prediction.id)
         if hook is not None:
@@ -347,7 +349,10 @@ class PredictionService(PredictionRecorder):
                     await self._record_failed_create(prediction, "invalid upstream response", maybe_sent=True)
                     raise UpstreamInvalid() from None
                 breaker.succeeded()
-                return await self._record_accepted(prediction, reply), False
+                crashpoints.reached("create.accepted")
+                accepted = await self._record_accepted(prediction, reply)
+                crashpoints.reached("create.linked")
+                return accepted, False
             finally:
                 if probe:
                     breaker.probe_ended()
@@ -637,6 +642,7 @@ class PredictionService(PredictionRecorder):
         if reply.id != row.upstream_id:
             upstream.client.answer_was_invalid("cancel")
             raise UpstreamInvalid()
+        crashpoints.reached("cancel.accepted")
         log.info("prediction.cancel_requested", extra={"prediction_id": row.id})
         return await self.apply_upstream_state(row.id, reply, upstream_name=row.upstream)
 

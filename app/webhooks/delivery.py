@@ -16,6 +16,7 @@ import httpx
 from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app import crashpoints
 from app.columns import utcnow
 from app.config import Settings
 from app.db import HotReads, session_now
@@ -198,6 +199,7 @@ class Deliverer:
         except Exception as exc:
             log.error("webhooks.attempt_failed", extra={"delivery_id": claim.id, "error": type(exc).__name__})
             outcome = self._failed(claim, None, f"internal error ({type(exc).__name__})")
+        crashpoints.reached("webhook.answered")
         await self._finish(claim, outcome)
 
     def _failed(self, claim: Claim, last_status: int | None, error: str,
