@@ -7,6 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from redis.asyncio import Redis
@@ -28,9 +29,15 @@ RATE_KEY_SECONDS = 120
 # Past the longest a prediction can stay unfinished (its maximum life, then the reconciler's
 # last poll), an in-flight entry can only be a slot a crash never gave back.
 SLOT_MARGIN_SECONDS = 300
+# An in-flight entry whose prediction the database does not hold may still be a create between
+# its admission here and its row's commit; older than this, it is one that never got a row.
+UNRECORDED_GRACE_SECONDS = 60
 REDIS_ERRORS = (RedisError, OSError)
 
 ADMITTED, RATE_REFUSED, IN_FLIGHT_REFUSED = 0, 1, 2
+
+# Given prediction ids, which of them the database holds and whether each is final.
+FinishedAmong = Callable[[list[str]], Awaitable[dict[str, bool]]]
 
 # KEYS: this minute's create counter, the in-flight set (prediction id scored by Redis time).
 # ARGV: rpm limit and in-flight limit (-1: none), prediction id, slot lifetime, counter lifetime.
@@ -140,9 +147,15 @@ class SharedLimits:
         """The sorted set of a token's unfinished predictions, scored by admission time."""
         return f"{self._prefix}{{{token_id}}}:in_flight"
 
-    async def take(self, *, token: ApiToken, prediction_id: str, now: datetime) -> Admission | None:
+    async def take(self, *, token: ApiToken, prediction_id: str, now: datetime,
+                   finished_among: FinishedAmong | None = None) -> Admission | None:
         """Take a rate and an in-flight slot for this create, or raise 429 with nothing taken;
-        None when the database has to check the limits (no Redis, or Redis failed)."""
+        None when the database has to check the limits (no Redis, or Redis failed).
+
+        Refused for its in-flight limit, the token's entries are first checked against the
+        database with `finished_among`: those a crash never gave back (between a settlement's
+        commit and its release here, or between an admission here and its row) are dropped, and
+        the admission is tried once more."""
         if self._admit is None:
             return None
         # Tokens without limits are counted too, so a limit set later sees what already runs.
@@ -159,8 +172,40 @@ class SharedLimits:
         if verdict == RATE_REFUSED and token.rpm_limit is not None:
             raise rate_refusal(token.rpm_limit, now)
         if verdict == IN_FLIGHT_REFUSED and token.max_in_flight is not None:
+            if finished_among is not None and await self._drop_stale(token.id, finished_among):
+                return await self.take(token=token, prediction_id=prediction_id, now=now)
             raise in_flight_refusal(token.max_in_flight)
         return Admission(token_id=token.id, prediction_id=prediction_id, rate_key=rate_key)
+
+    async def _drop_stale(self, token_id: str, finished_among: FinishedAmong) -> bool:
+        """Drop the token's in-flight entries that hold no running prediction; whether any were."""
+        redis = self._redis
+        if redis is None:
+            return False
+        key = self.in_flight_key(token_id)
+        try:
+            entries = await redis.zrange(key, 0, -1, withscores=True)
+            clock = await redis.time()  # (seconds, microseconds)
+        except REDIS_ERRORS as exc:
+            self._failed("prune", exc)
+            return False
+        # withscores: (member, score) pairs, which redis-py's annotations do not say.
+        pairs = cast("list[tuple[bytes | str, float]]", entries)
+        admitted = {(member.decode() if isinstance(member, bytes) else member): float(score)
+                    for member, score in pairs}
+        known = await finished_among(list(admitted))
+        now = float(clock[0]) + float(clock[1]) / 1_000_000
+        stale = [prediction_id for prediction_id, at in admitted.items()
+                 if known.get(prediction_id, now - at > UNRECORDED_GRACE_SECONDS)]
+        if not stale:
+            return False
+        try:
+            await redis.zrem(key, *stale)
+        except REDIS_ERRORS as exc:
+            self._failed("prune", exc)
+            return False
+        log.warning("limits.stale_slots_dropped", extra={"token_id": token_id, "count": len(stale)})
+        return True
 
     async def undo(self, admission: Admission | None) -> None:
         """Give back both slots of a create the database refused or never recorded."""

@@ -262,7 +262,8 @@ class PredictionService(PredictionRecorder):
         row_values = {name: value for name, value in values.items() if value is not None}
         # Rate and in-flight slots come from Redis when it answers; the database then checks
         # only the budget, and slots it refuses (or never records) are given back.
-        held = await self._limits.take(token=token, prediction_id=prediction.id, now=now)
+        held = await self._limits.take(token=token, prediction_id=prediction.id, now=now,
+                                       finished_among=self._finished_among)
         # Admission, the row and its reservation commit together, before the upstream call:
         # a crash after sending leaves a row for the reconciler, never an unrecorded prediction.
         def admit_and_record(connection: Connection) -> None:
@@ -358,6 +359,13 @@ class PredictionService(PredictionRecorder):
                     breaker.probe_ended()
         await self._record_failed_create(prediction, refusal.detail, maybe_sent=False)
         raise refusal
+
+    async def _finished_among(self, prediction_ids: list[str]) -> dict[str, bool]:
+        """Which of these predictions the database holds, and whether each is final."""
+        async with self._read_sessions() as session:
+            found = await session.execute(
+                select(Prediction.id, Prediction.status).where(Prediction.id.in_(prediction_ids)))
+        return {prediction_id: status in TERMINAL_STATUSES for prediction_id, status in found}
 
     async def _move(self, prediction: Prediction, upstream: Upstream, rule: PriceRule | None,
                     wait: int | None) -> None:

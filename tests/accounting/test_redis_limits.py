@@ -13,7 +13,7 @@ import httpx
 import pytest
 import redis
 
-from app.accounting.limits import SharedLimits, connect, slot_lifetime
+from app.accounting.limits import UNRECORDED_GRACE_SECONDS, SharedLimits, connect, slot_lifetime
 from app.columns import utcnow
 from app.config import Settings
 from app.tokens.models import ApiToken
@@ -207,12 +207,37 @@ class TestInFlight:
         secret = create_token(gateway.db_url, "crashed", max_in_flight=1)
         key = keys(redis_prefix).in_flight_key(token_row(gateway.db_url, "crashed")["id"])
         with gateway.client(secret) as api:
-            store.zadd(key, {"left-by-a-crash": time.time() - 60})
+            store.zadd(key, {"left-by-a-crash": time.time() - 10})
             assert_problem(create(api, "budget/model"), 429)  # a recent entry still counts
             store.zadd(key, {"left-by-a-crash": time.time() - slot_lifetime(gateway.settings) - 1})
             admitted = create(api, "budget/model")
             assert admitted.status_code == 201
         assert in_flight(store, gateway.db_url, redis_prefix, "crashed") == {admitted.json()["id"]}
+
+    def test_at_the_limit_entries_the_database_calls_finished_or_never_recorded_are_dropped(
+        self, gateway: Gateway, relay: FakeRelay, store: redis.Redis, redis_prefix: str
+    ) -> None:
+        relay.starting_seconds = 60
+        secret = create_token(gateway.db_url, "leaky", max_in_flight=1)
+        key = keys(redis_prefix).in_flight_key(token_row(gateway.db_url, "leaky")["id"])
+        with gateway.client(secret) as api:
+            # Unknown to the database but young: a create between its admission and its row.
+            store.zadd(key, {"being-recorded": time.time() - 10})
+            assert_problem(create(api, "budget/model"), 429)
+            # Older than an admission takes to reach the database: it never got a row.
+            store.zadd(key, {"being-recorded": time.time() - UNRECORDED_GRACE_SECONDS - 5})
+            running = create(api, "budget/model").json()["id"]
+            assert in_flight(store, gateway.db_url, redis_prefix, "leaky") == {running}
+            # However old its entry, a prediction the database holds as running keeps its slot.
+            store.zadd(key, {running: time.time() - UNRECORDED_GRACE_SECONDS * 10})
+            assert_problem(create(api, "budget/model"), 429)
+            # Final, but its slot never given back (a crash between the settlement and the release).
+            assert api.post(f"/predictions/{running}/cancel").json()["status"] == "canceled"
+            eventually(lambda: in_flight(store, gateway.db_url, redis_prefix, "leaky") == set())
+            store.zadd(key, {running: time.time()})
+            admitted = create(api, "budget/model")
+            assert admitted.status_code == 201
+        assert in_flight(store, gateway.db_url, redis_prefix, "leaky") == {admitted.json()["id"]}
 
 
 async def test_undo_and_release_give_back_once(redis_url: str, redis_prefix: str) -> None:

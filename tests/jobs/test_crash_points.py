@@ -123,3 +123,28 @@ def test_every_crash_point_is_placed_in_the_code() -> None:
     for point in POINTS:
         assert f'crashpoints.reached("{point}")' in source, point
 
+
+def test_a_slot_in_redis_left_by_a_crash_after_the_settlement_is_not_lost(
+    db_url: str, relay: FakeRelay, tmp_path: Path, redis_url: str, redis_prefix: str
+) -> None:
+    secret = create_token(db_url, "one-at-a-time", max_in_flight=1)
+    relay.starting_seconds, relay.processing_seconds = 0.3, 0.3
+    limits = {"redis_url": redis_url, "redis_prefix": redis_prefix}
+    armed = _gateway(db_url, relay, tmp_path, test_crash_at="prediction.settled", **limits)
+    try:
+        with _api(armed, secret) as api:
+            assert _create(api).status_code == 201
+        assert armed.process is not None
+        assert armed.process.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        armed.kill()
+    restarted = _gateway(db_url, relay, tmp_path, **limits)
+    try:
+        with _api(restarted, secret) as api:
+            # The settled prediction's slot was never given back in Redis: the database says it
+            # is final, so this create takes it instead of waiting out the slot's half-hour life.
+            assert _create(api).status_code == 201
+        wait_until_all_final(db_url, 30)
+    finally:
+        restarted.stop()
+    check_all(db_url, relay, settled=True)
