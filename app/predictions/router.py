@@ -375,7 +375,8 @@ async def stream_prediction(ref: str, state: StateDep) -> Response:
         prediction = await _service(state).by_stream_capability(prediction_id)
     if prediction is None:
         raise NotFound("The requested stream could not be found")
-    body = stream.events(prediction, _service(state).refreshed,
+    service = _service(state)
+    body = stream.events(prediction, lambda row, within: service.refreshed(row, within=within),
                          poll_interval=state.settings.stream_poll_interval,
                          keepalive_interval=state.settings.stream_keepalive_interval,
                          stopping=lambda: state.draining)

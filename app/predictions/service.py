@@ -36,6 +36,7 @@ from app.errors import (
     UpstreamCircuitOpen,
     UpstreamInvalid,
     UpstreamStatus,
+    UpstreamTimeout,
     UpstreamUnavailable,
     ValidationFailed,
 )
@@ -59,6 +60,12 @@ FINAL_CACHE_SIZE = 2000
 RUNNING_CACHE_SIZE = 2000
 FINAL_BASES_KEPT = 4  # public bases (hosts, prefixes) a final prediction's answer is kept for
 FIRST_POLL_SECONDS = 2.0
+# A client's poll waits this long at most for the upstream, then gets the last recorded state:
+# clients poll every half second, and Python's gives up on an answer after 30 s.
+POLL_REFRESH_SECONDS = 5.0
+# Cancels an upstream answers with these have nothing to act on there (relays document no
+# cancel): the prediction is answered as it stands, as Replicate answers a cancel it cannot do.
+_CANCEL_UNSUPPORTED = frozenset({404, 405, 501})
 IN_DOUBT_MARGIN_SECONDS = 5.0
 _DATA_URI = re.compile(r"^data:([^;,]{0,100})(;[^,]{0,200})?,", re.IGNORECASE)
 # A table-level insert: the ORM's flush (unit of work, identity map) cost a fifth of a create.
@@ -517,7 +524,7 @@ class PredictionService(PredictionRecorder):
 
     async def get(self, token: ApiToken, prediction_id: str) -> Prediction:
         """The caller's prediction, refreshed from the upstream unless it is already final."""
-        row = await self.refreshed(await self.owned(token, prediction_id))
+        row = await self.refreshed(await self.owned(token, prediction_id), within=POLL_REFRESH_SECONDS)
         if self._finals.get(row.id) is row:
             self._finals.move_to_end(row.id)
         elif self._never_changes(row):
@@ -598,7 +605,8 @@ class PredictionService(PredictionRecorder):
             await asyncio.sleep(min(self._settings.stream_poll_interval, remaining))
             if loop.time() < deadline:
                 try:
-                    row = await self.refreshed(row)
+                    # Within what is left: a slow upstream GET must not hold the answer past N s.
+                    row = await self.refreshed(row, within=deadline - loop.time())
                 except Exception as error:
                     if not database_unavailable(error):
                         raise
@@ -607,16 +615,20 @@ class PredictionService(PredictionRecorder):
                     break
         return row
 
-    async def refreshed(self, row: Prediction) -> Prediction:
-        """The prediction brought up to date from the upstream, unless it is final or unlinked."""
+    async def refreshed(self, row: Prediction, *, within: float | None = None) -> Prediction:
+        """The prediction brought up to date from the upstream, unless it is final or unlinked;
+        as it was, if the upstream has not answered within `within` seconds (when given)."""
         upstream = self._registry.get(row.upstream)
         if row.is_terminal or row.upstream_id is None or upstream is None:
             return row
         try:
-            reply = parse_prediction(await upstream.client.get_prediction(row.upstream_id))
+            reply = parse_prediction(await upstream.client.get_prediction(row.upstream_id, within=within))
         except UpstreamFailure as failure:
             # The last known state is still true; a relay blip must not break a client's poll.
-            _note_health(upstream, failure.error)
+            # A time-out of the caller's bound, shorter than the upstream's own, says nothing of
+            # the upstream's health.
+            if within is None or not isinstance(failure.error, UpstreamTimeout):
+                _note_health(upstream, failure.error)
             log.warning("prediction.refresh_failed", extra={"prediction_id": row.id, "status": failure.error.status})
             return row
         except InvalidUpstreamPrediction:
@@ -643,6 +655,10 @@ class PredictionService(PredictionRecorder):
         try:
             reply = parse_prediction(await upstream.client.cancel_prediction(row.upstream_id))
         except UpstreamFailure as failure:
+            if failure.error.status in _CANCEL_UNSUPPORTED:
+                log.warning("prediction.cancel_unsupported",
+                            extra={"prediction_id": row.id, "status": failure.error.status})
+                return await self.refreshed(row, within=POLL_REFRESH_SECONDS)
             raise failure.error from None
         except InvalidUpstreamPrediction:
             upstream.client.answer_was_invalid("cancel")

@@ -7,6 +7,7 @@ a relay's stream URL belongs to the relay's own Replicate account and is never f
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,8 +16,15 @@ import orjson
 
 from app.predictions.models import Prediction
 
+log = logging.getLogger(__name__)
+
 KEEPALIVE = b": keepalive\n\n"
 SHUTDOWN_DETAIL = "The gateway is restarting; the prediction goes on: poll it or stream it again"
+FAILED_DETAIL = "The gateway could not follow the prediction; it goes on: poll it or stream it again"
+# However soon the next keep-alive is due, a refresh may take this long.
+LEAST_REFRESH_SECONDS = 1.0
+# The prediction brought up to date, waiting at most the given seconds for the upstream.
+Refresh = Callable[[Prediction, float], Awaitable[Prediction]]
 
 
 def sse(event: str, data: str, event_id: str) -> bytes:
@@ -82,7 +90,7 @@ class StreamCursor:
 
 async def events(
     prediction: Prediction,
-    refresh: Callable[[Prediction], Awaitable[Prediction]],
+    refresh: Refresh,
     *,
     poll_interval: float,
     keepalive_interval: float = 15.0,
@@ -111,4 +119,12 @@ async def events(
             yield KEEPALIVE
             quiet_since = loop.time()
         await asyncio.sleep(poll_interval)
-        row = await refresh(row)
+        # Within the time left before the next keep-alive: a slow upstream must not silence
+        # the stream past what clients wait.
+        within = max(quiet_since + keepalive_interval - loop.time(), LEAST_REFRESH_SECONDS)
+        try:
+            row = await refresh(row, within)
+        except Exception as error:  # the database away, say: end the stream as clients expect
+            log.warning("stream.refresh_failed", extra={"prediction_id": row.id, "error": type(error).__name__})
+            yield cursor.interrupted(FAILED_DETAIL)
+            return

@@ -192,9 +192,11 @@ class UpstreamClient:
         waiting for the answer."""
         return self._connect_timeout + self._create_timeout + (wait_seconds or 0)
 
-    async def get_prediction(self, upstream_id: str) -> dict[str, Any]:
-        """GET one prediction by its upstream id."""
-        reply: dict[str, Any] = await self._read("v1/predictions/" + _segment(upstream_id), operation="get")
+    async def get_prediction(self, upstream_id: str, *, within: float | None = None) -> dict[str, Any]:
+        """GET one prediction by its upstream id, all of it (retries included) within `within`
+        seconds if given, else within the time any GET is allowed."""
+        reply: dict[str, Any] = await self._read("v1/predictions/" + _segment(upstream_id), operation="get",
+                                                 within=within)
         return reply
 
     async def cancel_prediction(self, upstream_id: str) -> dict[str, Any]:
@@ -207,10 +209,13 @@ class UpstreamClient:
         """GET any read-only JSON resource, such as a model or a version."""
         return await self._read(path, operation="read", expect_object=False)
 
-    async def _read(self, path: str, *, operation: str, expect_object: bool = True) -> Any:
+    async def _read(self, path: str, *, operation: str, expect_object: bool = True,
+                    within: float | None = None) -> Any:
         """GET, sent again at most READ_RETRIES times after a failure a moment may mend, all
-        within the time one GET is allowed: retries never make a read slower than its worst case."""
-        deadline = time.monotonic() + self.longest_call_seconds()
+        within the time one GET is allowed (or `within`, if shorter): retries never make a read
+        slower than its worst case."""
+        longest = self.longest_call_seconds()
+        deadline = time.monotonic() + (longest if within is None else min(within, longest))
         attempt = 0
         while True:
             remaining = deadline - time.monotonic()
@@ -218,7 +223,7 @@ class UpstreamClient:
                 return await self._call(
                     "GET", path, operation=operation, expect_object=expect_object,
                     connect_timeout=min(self._connect_timeout, remaining),
-                    read_timeout=min(self._request_timeout, remaining),
+                    read_timeout=min(self._request_timeout, remaining), deadline=deadline,
                 )
             except UpstreamFailure as failure:
                 attempt += 1
@@ -241,6 +246,7 @@ class UpstreamClient:
         headers: dict[str, str] | None = None,
         connect_timeout: float | None = None,
         read_timeout: float | None = None,
+        deadline: float | None = None,
         expect_object: bool = True,
     ) -> Any:
         started = time.perf_counter()
@@ -249,7 +255,7 @@ class UpstreamClient:
             status, response_headers, body = await self._exchange(
                 method, path, content=content, headers=headers,
                 connect_timeout=self._connect_timeout if connect_timeout is None else connect_timeout,
-                read_timeout=read_timeout,
+                read_timeout=read_timeout, deadline=deadline,
             )
             return self._interpret(status, response_headers, body, expect_object=expect_object)
         except UpstreamFailure as failure:
@@ -268,9 +274,11 @@ class UpstreamClient:
         headers: dict[str, str] | None,
         connect_timeout: float,
         read_timeout: float | None,
+        deadline: float | None = None,
     ) -> tuple[int, Mapping[str, str], bytes]:
         """One request and its whole (capped) body; a transport failure is an UpstreamFailure
-        that says whether the request can have reached the upstream."""
+        that says whether the request can have reached the upstream. With `deadline` (on the
+        monotonic clock), waiting for the answer ends by then however long connecting took."""
         if self._http is not None:
             return await self._exchange_httpx(self._http, method, path, content=content, headers=headers,
                                               connect_timeout=connect_timeout, read_timeout=read_timeout)
@@ -293,7 +301,8 @@ class UpstreamClient:
         try:
             answer = await pool.request(
                 head, content, connect_timeout=connect_timeout,
-                answer_timeout=read_timeout if read_timeout is not None else self._request_timeout)
+                answer_timeout=read_timeout if read_timeout is not None else self._request_timeout,
+                deadline=deadline)
         except wire.WireError as exc:
             raise self._transport_failure(exc) from None
         return answer.status, answer.headers, answer.body

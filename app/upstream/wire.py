@@ -237,10 +237,13 @@ class WirePool:
         return "".join(lines).encode("latin-1")
 
     async def request(self, head: bytes, body: bytes | None, *, connect_timeout: float,
-                      answer_timeout: float) -> Answer:
-        """Send a prepared head (and body) on a pooled connection and wait for the whole answer."""
+                      answer_timeout: float, deadline: float | None = None) -> Answer:
+        """Send a prepared head (and body) on a pooled connection and wait for the whole answer,
+        for at most `answer_timeout` seconds and never past `deadline` (time.monotonic)."""
         loop = asyncio.get_running_loop()
         connection = await self._acquire(loop, connect_timeout)
+        if deadline is not None:
+            answer_timeout = max(min(answer_timeout, deadline - time.monotonic()), 0.001)
         waiter: asyncio.Future[Answer] = loop.create_future()
         timer = loop.call_later(answer_timeout, connection.timed_out)
         try:
