@@ -8,6 +8,7 @@ import re
 from collections.abc import Coroutine
 from datetime import UTC, datetime
 from typing import Any, Literal
+from urllib.parse import parse_qs, quote, urlsplit
 
 import orjson
 from fastapi import APIRouter, Depends, Request
@@ -36,6 +37,7 @@ from app.upstream.client import UpstreamClient, UpstreamFailure
 from app.webhooks import guard
 
 SYNC_MARGIN_SECONDS = 0.3
+MAX_CURSOR_LENGTH = 1000
 STREAM_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _PREDICTION_ID = re.compile(r"^[a-z0-9]{1,64}$")
@@ -305,15 +307,29 @@ def _reader(state: StateDep, caller: CallerDep, model: str) -> tuple[UpstreamCli
     return upstream.client, upstream.upstream_model(model)
 
 
-async def _forward_read(state: StateDep, caller: CallerDep, public: str, model: str, rest: str) -> Response:
+def _page_link(link: Any, pages: str) -> str | None:
+    """An upstream's `next` or `previous` link as the same page of ours (its cursor kept), or None:
+    clients request these verbatim, with their token, so none may lead anywhere but here."""
+    if not isinstance(link, str):
+        return None
+    cursors = parse_qs(urlsplit(link).query).get("cursor")
+    return f"{pages}?cursor={quote(cursors[0], safe='')}" if cursors else None
+
+
+async def _forward_read(state: StateDep, caller: CallerDep, public: str, model: str, rest: str,
+                        *, cursor: str | None = None) -> Response:
     client, theirs = _reader(state, caller, model)
+    query = f"?cursor={quote(cursor, safe='')}" if cursor else ""
     try:
-        data = await client.get_json(f"v1/models/{theirs}{rest}")
+        data = await client.get_json(f"v1/models/{theirs}{rest}{query}")
     except UpstreamFailure as failure:
         raise failure.error from None
     if not rest and theirs != model and isinstance(data, dict):
         # The model as the caller names it, not as the upstream does.
         data["owner"], data["name"] = model.split("/")
+    if rest == "/versions" and isinstance(data, dict):
+        pages = f"{public}/v1/models/{model}/versions"
+        data["next"], data["previous"] = _page_link(data.get("next"), pages), _page_link(data.get("previous"), pages)
     return _json(_rebase(data, client.base_url, public))
 
 
@@ -328,11 +344,14 @@ async def get_model(
 
 @router.get("/models/{owner}/{name}/versions")
 async def list_model_versions(
-    owner: str, name: str, state: StateDep, caller: CallerDep, public: PublicBaseDep
+    owner: str, name: str, request: Request, state: StateDep, caller: CallerDep, public: PublicBaseDep
 ) -> Response:
-    """A model's versions, as the upstream lists them."""
+    """A model's versions, as the upstream lists them, a page at a time (`cursor`)."""
     owner, name = _segment(owner, "model"), _segment(name, "model")
-    return await _forward_read(state, caller, public, f"{owner}/{name}", "/versions")
+    cursor = request.query_params.get("cursor")
+    if cursor is not None and len(cursor) > MAX_CURSOR_LENGTH:
+        raise BadRequest("The cursor is not one this gateway handed out")
+    return await _forward_read(state, caller, public, f"{owner}/{name}", "/versions", cursor=cursor)
 
 
 @router.get("/models/{owner}/{name}/versions/{version_id}")

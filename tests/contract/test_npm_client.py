@@ -55,6 +55,14 @@ def test_list_pages_through_more_than_a_hundred(npm_client: Path, gateway: Gatew
     assert set(ids) == created
 
 
+def test_model_versions_page_through_the_gateway(npm_client: Path, gateway: Gateway, token: str,
+                                                relay: FakeRelay) -> None:
+    seen = node("contract.mjs", gateway, token, "versions")
+    assert len(seen["pages"]) == 2
+    assert seen["pages"][1] == ["0" * 64]
+    assert [call.query for call in relay.calls if call.path.endswith("/versions")] == ["", "cursor=page-2"]
+
+
 def test_files_create_get_list_delete(npm_client: Path, gateway: Gateway, token: str) -> None:
     seen = node("contract.mjs", gateway, token, "files")
     created = seen["created"]

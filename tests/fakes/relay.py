@@ -454,7 +454,7 @@ class FakeRelay:
             case "POST", ["predictions", pid, "cancel"]:
                 return self._cancel(pid)
             case "GET", ["models", owner, name, *rest] if self.versions_supported:
-                return self._model_route(owner, name, rest)
+                return self._model_route(owner, name, rest, call.query)
         return 404, NOT_FOUND
 
     async def _create_route(self, model: str | None, body: bytes, headers: dict[str, str],
@@ -490,7 +490,7 @@ class FakeRelay:
                 d.update(status="canceled", completed_at=_iso(time.time_ns(), 9))
             return 200, json.loads(json.dumps(d))
 
-    def _model_route(self, owner: str, name: str, rest: list[str]) -> Result:
+    def _model_route(self, owner: str, name: str, rest: list[str], query: str = "") -> Result:
         model = f"{owner}/{name}"
         vid = next((v for v, m in self.versions.items() if m == model),
                    hashlib.sha256(model.encode()).hexdigest())
@@ -507,7 +507,11 @@ class FakeRelay:
                     "run_count": 1, "latest_version": None,
                 }
             case ["versions"]:
-                return 200, {"next": None, "previous": None, "results": [version]}
+                # Two pages, linked as Replicate links them (a relay passes its links on as they are).
+                pages = f"https://api.replicate.com/v1/models/{model}/versions?cursor="
+                if query == "cursor=page-2":
+                    return 200, {"next": None, "previous": pages + "page-1", "results": [{**version, "id": "0" * 64}]}
+                return 200, {"next": pages + "page-2", "previous": None, "results": [version]}
             case ["versions", version_id]:
                 return 200, {**version, "id": version_id}
         return 404, NOT_FOUND

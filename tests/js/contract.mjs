@@ -45,6 +45,13 @@ const scenarios = {
     }
     return { next: first.next, pages };
   },
+  async versions() {
+    const pages = [];
+    for await (const page of replicate.paginate(() => replicate.models.versions.list("black-forest-labs", "flux-schnell"))) {
+      pages.push(page.map((version) => version.id));
+    }
+    return { pages };
+  },
   // files.create sends metadata as a JSON file part; get, list and delete follow.
   async files() {
     const created = await replicate.files.create(Buffer.from("hello from node"), { who: "node" });

@@ -230,6 +230,20 @@ class TestModels:
         version = api.get(f"/models/black-forest-labs/flux-schnell/versions/{version_id}").json()
         assert isinstance(version["cog_version"], str)
 
+    def test_versions_are_paged_through_the_gateway_only(
+        self, gateway: Gateway, api: httpx.Client, relay: FakeRelay
+    ) -> None:
+        pages = f"{gateway.replicate_base}/v1/models/black-forest-labs/flux-schnell/versions"
+        first = api.get("/models/black-forest-labs/flux-schnell/versions")
+        assert (first.json()["next"], first.json()["previous"]) == (pages + "?cursor=page-2", None)
+        # Clients request `next` verbatim, with their token: it must lead here, never to Replicate.
+        second = api.get(first.json()["next"])
+        assert second.json()["results"][0]["id"] == "0" * 64
+        assert (second.json()["next"], second.json()["previous"]) == (None, pages + "?cursor=page-1")
+        assert "api.replicate.com" not in first.text + second.text
+        assert [call.query for call in relay.calls if call.path.endswith("/versions")] == ["", "cursor=page-2"]
+        assert_problem(api.get("/models/black-forest-labs/flux-schnell/versions", params={"cursor": "x" * 1001}), 400)
+
     def test_missing_versions_endpoint_falls_back_to_a_usable_version(
         self, api: httpx.Client, relay: FakeRelay
     ) -> None:
