@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import re
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal
 from urllib.parse import parse_qs, quote, urlsplit
@@ -261,16 +261,39 @@ async def cancel_prediction(
 async def list_predictions(
     request: Request, state: StateDep, caller: CallerDep, public: PublicBaseDep
 ) -> Response:
-    """List the caller's predictions, newest first, 100 a page."""
+    """List the caller's predictions, newest first, 100 a page; `created_after` (inclusive) and
+    `created_before` (ISO 8601) narrow it, and `source=web` finds none (all came by the API)."""
+    params = request.query_params
+    source = params.get("source")
+    if source is not None and source != "web":
+        raise BadRequest("source can only be web")
+    after, before = _moment(params, "created_after"), _moment(params, "created_before")
+    if source == "web":
+        return _json({"previous": None, "next": None, "results": []})
     rows, next_cursor, previous_cursor = await _service(state).page(
-        caller.token, key=state.key, cursor_text=request.query_params.get("cursor")
+        caller.token, key=state.key, cursor_text=params.get("cursor"), created_after=after, created_before=before,
     )
+    # Each page link keeps the filters, as given.
+    kept = "".join(f"&{name}={quote(params[name], safe='')}" for name in ("created_after", "created_before")
+                   if name in params)
     base = f"{public}/v1/predictions?cursor="
     return _json({
-        "previous": base + previous_cursor if previous_cursor else None,
-        "next": base + next_cursor if next_cursor else None,
+        "previous": base + previous_cursor + kept if previous_cursor else None,
+        "next": base + next_cursor + kept if next_cursor else None,
         "results": [rewrite.to_client(row, public, state.key) for row in rows],
     })
+
+
+def _moment(params: Mapping[str, str], name: str) -> datetime | None:
+    """A query parameter's ISO 8601 date-time (UTC if it names no zone), or None if absent."""
+    text = params.get(name)
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise BadRequest(f"{name} must be an ISO 8601 date-time, such as 2025-01-01T00:00:00Z") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 @router.get("/account")

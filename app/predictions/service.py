@@ -10,7 +10,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from fnmatch import fnmatchcase
 from typing import Any, NoReturn
 
@@ -671,13 +671,19 @@ class PredictionService(PredictionRecorder):
         return await self.apply_upstream_state(row.id, reply, upstream_name=row.upstream)
 
     async def page(
-        self, token: ApiToken, *, key: bytes, cursor_text: str | None
+        self, token: ApiToken, *, key: bytes, cursor_text: str | None,
+        created_after: datetime | None = None, created_before: datetime | None = None,
     ) -> tuple[list[Prediction], str | None, str | None]:
-        """A newest-first page of the caller's predictions with `next` and `previous` cursors."""
+        """A newest-first page of the caller's predictions with `next` and `previous` cursors,
+        optionally only those created at or after `created_after` and before `created_before`."""
         position = cursors.decode(cursor_text, token.id, key) if cursor_text else None
         query = select(Prediction).where(
             Prediction.token_id == token.id, Prediction.submission != Submission.REJECTED
         )
+        if created_after is not None:
+            query = query.where(Prediction.created_at >= created_after)
+        if created_before is not None:
+            query = query.where(Prediction.created_at < created_before)
         newest_first = (Prediction.created_at.desc(), Prediction.id.desc())
         if position is None:
             query = query.order_by(*newest_first)
