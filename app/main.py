@@ -53,6 +53,8 @@ from app.webhooks.router import inbound_router as webhooks_inbound_router
 from app.webhooks.router import router as webhooks_router
 
 API_PREFIXES = ("/replicate/v1", "/v1")
+# The Python client 1.x appends /v1 itself, so a base URL that already ends in /v1 asks for these.
+_DOUBLED_PREFIXES = ("/replicate/v1/v1/", "/v1/v1/")
 log = logging.getLogger(__name__)
 
 
@@ -64,6 +66,10 @@ class GatewayApp(FastAPI):
     fast_lane: FastLane | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(_DOUBLED_PREFIXES):
+            raw_path = scope.get("raw_path") or scope["path"].encode()
+            scope = {**scope, "path": scope["path"].replace("/v1/v1/", "/v1/", 1),
+                     "raw_path": raw_path.replace(b"/v1/v1/", b"/v1/", 1)}
         if scope["type"] == "http" and self.fast_lane is not None:
             scope["app"] = self  # as the framework would, for routes that reach the app's state
             await self.fast_lane(scope, receive, send)

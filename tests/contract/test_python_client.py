@@ -33,6 +33,16 @@ class TestRun:
         assert len(created) == 1
         assert created[0].path == "/replicate/v1/models/black-forest-labs/flux-schnell/predictions"
 
+    @pytest.mark.parametrize("prefix", ["/replicate/v1", "/v1"])
+    def test_a_base_url_ending_in_v1_works_too(
+        self, gateway: Gateway, token: str, relay: FakeRelay, prefix: str
+    ) -> None:
+        # The Python client 1.x appends /v1 itself: such a base asks for /v1/v1/... (wire spec, rule 1).
+        doubled = replicate.Client(api_token=token, base_url=gateway.url + prefix)
+        assert len(_urls(doubled.run("black-forest-labs/flux-schnell", input={"prompt": "a cat"}))) == 1
+        assert len(doubled.predictions.list().results) == 1
+        assert relay.creates()[0].path == "/replicate/v1/models/black-forest-labs/flux-schnell/predictions"
+
     def test_run_model_with_version_forwards_the_version(
         self, client: replicate.Client, relay: FakeRelay
     ) -> None:
