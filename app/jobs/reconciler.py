@@ -34,6 +34,7 @@ IDEMPOTENCY_KEY_HOURS = 24
 KEY_SWEEP_EVERY = timedelta(minutes=10)
 IN_DOUBT_REASON = "The gateway could not confirm this prediction with the upstream"
 EXPIRED_REASON = "The prediction ran longer than the gateway's maximum lifetime"
+CANCEL_AFTER_REASON = "The prediction passed the deadline its Cancel-After set"
 FORGOTTEN_REASON = "The upstream no longer knows this prediction"
 
 
@@ -47,13 +48,15 @@ class Claim:
     created_at: datetime
     poll_attempts: int
     lease_until: datetime
+    # Its Cancel-After deadline, if the create gave one.
+    cancel_deadline: datetime | None = None
 
 
-def due_for_polling(now: datetime) -> Select[str, str, str | None, datetime, int]:
+def due_for_polling(now: datetime) -> Select[str, str, str | None, datetime, int, datetime | None]:
     """The next batch of linked, unfinished predictions whose poll is due, soonest first."""
     return (
         select(Prediction.id, Prediction.upstream, Prediction.upstream_id, Prediction.created_at,
-               Prediction.poll_attempts)
+               Prediction.poll_attempts, Prediction.cancel_deadline)
         .where(
             # "Not final" rather than "starting or processing": the same rows, but SQLite then
             # walks the next_poll_at index in order instead of sorting every unfinished
@@ -165,25 +168,36 @@ class Reconciler:
             now = database_now(connection)
             rows = connection.execute(due_for_polling(now).with_for_update(skip_locked=True)).all()
             lease_until = now + self._lease
-            # One update per back-off step rather than one per row.
-            by_attempts: dict[int, list[str]] = {}
+            # One update per back-off step rather than one per row; a Cancel-After deadline
+            # sooner than the step is polled then instead.
+            by_next_poll: dict[tuple[int, datetime], list[str]] = {}
             for row in rows:
-                by_attempts.setdefault(row.poll_attempts, []).append(row.id)
-            for attempts, ids in by_attempts.items():
+                next_poll_at = now + self._backoff(row.poll_attempts)
+                if row.cancel_deadline is not None:
+                    next_poll_at = min(next_poll_at, max(row.cancel_deadline, now))
+                by_next_poll.setdefault((row.poll_attempts, next_poll_at), []).append(row.id)
+            for (attempts, next_poll_at), ids in by_next_poll.items():
                 connection.execute(
                     update(Prediction).where(Prediction.id.in_(ids)).values(
                         lease_until=lease_until,
-                        next_poll_at=now + self._backoff(attempts),
+                        next_poll_at=next_poll_at,
                         poll_attempts=attempts + 1,
                     )
                 )
-            return [Claim(row.id, row.upstream, row.upstream_id, row.created_at, row.poll_attempts + 1, lease_until)
+            return [Claim(row.id, row.upstream, row.upstream_id, row.created_at, row.poll_attempts + 1, lease_until,
+                          row.cancel_deadline)
                     for row in rows]
 
         return await self._transactions.run(claim)
 
     async def _poll_once(self, claim: Claim) -> None:
-        expired = utcnow() - claim.created_at > timedelta(seconds=self._settings.max_prediction_seconds)
+        now = utcnow()
+        expiry: str | None = None  # why it is to be canceled, if it is
+        if claim.cancel_deadline is not None and now >= claim.cancel_deadline:
+            expiry = CANCEL_AFTER_REASON
+        elif now - claim.created_at > timedelta(seconds=self._settings.max_prediction_seconds):
+            expiry = EXPIRED_REASON
+        expired = expiry is not None
         upstream = self._registry.get(claim.upstream)
         if upstream is None:
             log.error("reconciler.unknown_upstream", extra={"prediction_id": claim.id, "upstream": claim.upstream})
@@ -198,23 +212,23 @@ class Reconciler:
             if reply.id != claim.upstream_id:
                 raise InvalidUpstreamPrediction("mismatched id")
         except UpstreamFailure as failure:
-            await self._after_failure(claim, failure, expired)
+            await self._after_failure(claim, failure, expiry)
             return
         except InvalidUpstreamPrediction:
             upstream.client.answer_was_invalid("cancel" if expired else "get")
             log.warning("reconciler.invalid_reply", extra={"prediction_id": claim.id})
-            if expired:
-                await self._service.force_finish(claim.id, status="failed", reason=EXPIRED_REASON)
+            if expiry is not None:
+                await self._service.force_finish(claim.id, status="failed", reason=expiry)
             return
         async with self._recording:
             row = await self._service.apply_upstream_state(claim.id, reply, upstream_name=claim.upstream)
-        if expired and not row.is_terminal:
-            await self._service.force_finish(claim.id, status="canceled", reason=EXPIRED_REASON)
+        if expiry is not None and not row.is_terminal:
+            await self._service.force_finish(claim.id, status="canceled", reason=expiry)
 
-    async def _after_failure(self, claim: Claim, failure: UpstreamFailure, expired: bool) -> None:
+    async def _after_failure(self, claim: Claim, failure: UpstreamFailure, expiry: str | None) -> None:
         error = failure.error
-        if expired:
-            await self._service.force_finish(claim.id, status="failed", reason=EXPIRED_REASON)
+        if expiry is not None:
+            await self._service.force_finish(claim.id, status="failed", reason=expiry)
         elif error.status == 404 and claim.poll_attempts >= FORGOTTEN_AFTER_ATTEMPTS:
             await self._service.force_finish(claim.id, status="failed", reason=FORGOTTEN_REASON)
         elif isinstance(error, Throttled):

@@ -7,6 +7,10 @@ import re
 MAX_WAIT_SECONDS = 60
 _WAIT = re.compile(r"^\s*wait(?:\s*=\s*(\d+(?:\.\d+)?))?\s*$", re.IGNORECASE)
 _CANCEL_AFTER = re.compile(r"^(?:\d+|(?=\d)(?:\d+h)?(?:\d+m)?(?:\d+s)?)$")
+_CANCEL_AFTER_PARTS = re.compile(r"(\d+)([hms]?)")
+_UNIT_SECONDS = {"h": 3600, "m": 60, "s": 1, "": 1}
+# Replicate's shortest `Cancel-After`; a shorter one is taken as this.
+MIN_CANCEL_AFTER_SECONDS = 5
 
 
 def wait_seconds(prefer: str | None) -> int | None:
@@ -27,3 +31,9 @@ def wait_seconds(prefer: str | None) -> int | None:
 def valid_cancel_after(value: str) -> bool:
     """Whether a `Cancel-After` duration has Replicate's shape (`30s`, `5m`, `1h30m45s`, `300`)."""
     return bool(_CANCEL_AFTER.match(value.strip())) and value.strip() != ""
+
+
+def cancel_after_seconds(value: str) -> int:
+    """A valid `Cancel-After` duration in seconds, at least MIN_CANCEL_AFTER_SECONDS."""
+    seconds = sum(int(number) * _UNIT_SECONDS[unit] for number, unit in _CANCEL_AFTER_PARTS.findall(value.strip()))
+    return max(seconds, MIN_CANCEL_AFTER_SECONDS)

@@ -94,6 +94,9 @@ class Prediction(Base):
     price_multiplier_ppm: Mapped[int] = mapped_column(Integer, default=ONE_PPM, server_default=str(ONE_PPM))
     # After this moment a create with no upstream answer is in doubt, not in flight.
     submit_deadline: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    # From the create's `Cancel-After`: still unfinished then, it is canceled (whether or not the
+    # upstream honours the header itself).
+    cancel_deadline: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     # Reconciler schedule and lease; NULL next_poll_at means nothing left to do.
     next_poll_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     poll_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

@@ -76,4 +76,6 @@ def to_client(
         body["metrics"] = prediction.metrics
     if prediction.deployment:
         body["deployment"] = prediction.deployment
+    if prediction.cancel_deadline is not None:
+        body["deadline"] = rfc3339(prediction.cancel_deadline)
     return body

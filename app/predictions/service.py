@@ -44,6 +44,7 @@ from app.expiring import ExpiringCache
 from app.groups import service as groups
 from app.predictions import cursor as cursors
 from app.predictions.deferred import DeferredWrites
+from app.predictions.headers import cancel_after_seconds
 from app.predictions.models import PREDICTIONS, TERMINAL_STATUSES, Prediction, Submission
 from app.predictions.recording import UNKNOWN_MODEL, NotLinked, PredictionRecorder
 from app.tokens.models import ApiToken
@@ -256,6 +257,7 @@ class PredictionService(PredictionRecorder):
             "price_multiplier_ppm": ppm,
             "bill_failures": (rule is not None and rule.bill_failures) or candidates[0].config.bill_failures,
             "submit_deadline": now + timedelta(seconds=in_doubt_after),
+            "cancel_deadline": now + timedelta(seconds=cancel_after_seconds(cancel_after)) if cancel_after else None,
             "idempotency_key": idempotency_key,
             "request_hash": request_hash,
             "webhook": webhook,

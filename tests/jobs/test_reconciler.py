@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from app.jobs.reconciler import CONCURRENCY, RECORDING, due_for_polling, expired
 from tests.conftest import Gateway
 from tests.dbtools import create_token, rows, sqlite_plan
 from tests.fakes.relay import FakeRelay
-from tests.helpers import TERMINAL, assert_problem, create, wait_until_all_final
+from tests.helpers import TERMINAL, assert_problem, create, wait_terminal, wait_until_all_final
 from tests.invariants import check_all, check_ledger
 from tests.processes import GatewayProcess
 
@@ -132,6 +132,30 @@ def test_a_prediction_past_its_lifetime_is_canceled_upstream(
     assert row["id"] == prediction["id"]
     assert row["status"] == "canceled"
     assert row["cost_micros"] == 0
+
+
+def test_a_cancel_after_deadline_is_kept_by_the_gateway_itself(gateway_factory: Any, relay: FakeRelay) -> None:
+    # The fake relay ignores Cancel-After, as relays do: the gateway cancels at the deadline.
+    gateway: Gateway = gateway_factory(reconcile_interval=0.1, poll_backoff_max=30)
+    relay.starting_seconds = 60
+    with gateway.client(create_token(gateway.db_url, "deadline")) as api:
+        created = api.post("/models/budget/model/predictions", json={"input": {}}, headers={"Cancel-After": "2s"})
+        body = created.json()
+        # Shorter than Replicate's minimum: taken as 5 s, and shown as the prediction's deadline.
+        lifetime = datetime.fromisoformat(body["deadline"]) - datetime.fromisoformat(body["created_at"])
+        assert abs(lifetime.total_seconds() - 5) < 0.01
+        assert created.request.headers["cancel-after"] == "2s"
+        assert relay.creates()[0].headers["cancel-after"] == "2s"
+        time.sleep(3)
+        assert api.get(f"/predictions/{body['id']}").json()["status"] == "starting"
+        final = wait_terminal(api, body["id"], timeout=10)
+    assert final["status"] == "canceled"
+    assert final["deadline"] == body["deadline"]
+    assert any(call.path.endswith("/cancel") for call in relay.calls)
+    (row,) = rows(gateway.db_url, "prediction")
+    assert row["cost_micros"] == 0
+    ended = datetime.fromisoformat(final["completed_at"]) - datetime.fromisoformat(body["created_at"])
+    assert 5 <= ended.total_seconds() < 7
 
 
 def test_kill_9_during_creates_then_restart_settles_everything_within_a_minute(

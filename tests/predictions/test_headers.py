@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from app.predictions.headers import MAX_WAIT_SECONDS, valid_cancel_after, wait_seconds
+from app.predictions.headers import (
+    MAX_WAIT_SECONDS,
+    MIN_CANCEL_AFTER_SECONDS,
+    cancel_after_seconds,
+    valid_cancel_after,
+    wait_seconds,
+)
 
 
 class TestWaitSeconds:
@@ -104,3 +110,12 @@ class TestValidCancelAfter:
     )
     def test_invalid(self, value: str) -> None:
         assert valid_cancel_after(value) is False
+
+
+@pytest.mark.parametrize(("value", "seconds"), [
+    ("30s", 30), ("5m", 300), ("1h", 3600), ("1h30m45s", 5445), ("1h45s", 3645), ("300", 300), (" 90s ", 90),
+    ("2s", MIN_CANCEL_AFTER_SECONDS), ("0", MIN_CANCEL_AFTER_SECONDS),
+])
+def test_cancel_after_in_seconds_and_never_under_replicates_minimum(value: str, seconds: int) -> None:
+    assert valid_cancel_after(value)
+    assert cancel_after_seconds(value) == seconds
