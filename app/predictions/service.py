@@ -627,8 +627,8 @@ class PredictionService(PredictionRecorder):
             reply = parse_prediction(await upstream.client.get_prediction(row.upstream_id, within=within))
         except UpstreamFailure as failure:
             # The last known state is still true; a relay blip must not break a client's poll.
-            # A time-out of the caller's bound, shorter than the upstream's own, says nothing of
-            # the upstream's health.
+            # Under the caller's bound a time-out may be the bound's own doing, which says
+            # nothing of the upstream's health: only other failures count then.
             if within is None or not isinstance(failure.error, UpstreamTimeout):
                 _note_health(upstream, failure.error)
             log.warning("prediction.refresh_failed", extra={"prediction_id": row.id, "status": failure.error.status})
