@@ -748,6 +748,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=None, help="rounds, interleaved (default 2; 1 with --quick)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--delays", type=int, nargs="+", default=[0, 50], help="upstream delays, ms")
+    parser.add_argument("--scenarios", nargs="+", choices=("create", "get-running", "get-finished"),
+                        default=["create", "get-running", "get-finished"], help="scenarios measured (default: all)")
     parser.add_argument("--targets", nargs="+", default=["direct", "nginx", "gateway"],
                         choices=["direct", "nginx", "gateway"])
     parser.add_argument("--finished-at-every-delay", action="store_true",
@@ -828,7 +830,7 @@ def main() -> int:
         for rnd in range(1, rounds + 1):
             for delay in args.delays:
                 for conc in args.concurrency:
-                    for scenario in ("create", "get-running", "get-finished"):
+                    for scenario in args.scenarios:
                         if scenario == "get-finished" and delay != args.delays[0] and not args.finished_at_every_delay:
                             continue
                         for name in names:
