@@ -535,8 +535,12 @@ def _as_core_error(dialect: Dialect, sql: str, values: list[Any], error: Excepti
     return error
 
 
-def _sync_sqlite_engine(engine: AsyncEngine) -> Engine:
-    # One plain connection per thread: used only from the event loop's thread.
+def _sync_sqlite_engine(engine: AsyncEngine, *, other_threads: int = 0) -> Engine:
+    """A plain sqlite3 engine on the same file: by default one connection, used only from the
+    event loop's thread; with `other_threads`, a pool of that many for threads of their own."""
+    if other_threads:
+        return create_engine(engine.url.set(drivername="sqlite"), poolclass=QueuePool, pool_size=other_threads,
+                             max_overflow=0, connect_args={"check_same_thread": False}, json_serializer=json_text)
     return create_engine(engine.url.set(drivername="sqlite"), poolclass=SingletonThreadPool,
                          connect_args={"check_same_thread": True}, json_serializer=json_text)
 
@@ -586,6 +590,9 @@ class HotReads:
             self._sync_engine.dispose()
 
 
+REPORTS_AT_ONCE = 2
+
+
 class ReportReads:
     """Reads that walk many rows at once: usage reports and their exports.
 
@@ -599,11 +606,9 @@ class ReportReads:
     def __init__(self, engine: AsyncEngine, read_sessions: async_sessionmaker[AsyncSession]) -> None:
         self._read_sessions = read_sessions
         self._sync_engine: Engine | None = None
-        self._running = asyncio.Semaphore(2)
+        self._running = asyncio.Semaphore(REPORTS_AT_ONCE)
         if engine.dialect.name == "sqlite":
-            self._sync_engine = create_engine(
-                engine.url.set(drivername="sqlite"), poolclass=QueuePool, pool_size=2, max_overflow=0,
-                connect_args={"check_same_thread": False}, json_serializer=json_text)
+            self._sync_engine = _sync_sqlite_engine(engine, other_threads=REPORTS_AT_ONCE)
             # Off the loop a reader may wait for a checkpoint as long as any query would.
             _on_connect_pragmas(self._sync_engine, "busy_timeout=10000", "query_only=ON")
 

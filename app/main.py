@@ -66,11 +66,14 @@ class GatewayApp(FastAPI):
     fast_lane: FastLane | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(_DOUBLED_PREFIXES):
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        if scope["path"].startswith(_DOUBLED_PREFIXES):
             raw_path = scope.get("raw_path") or scope["path"].encode()
             scope = {**scope, "path": scope["path"].replace("/v1/v1/", "/v1/", 1),
                      "raw_path": raw_path.replace(b"/v1/v1/", b"/v1/", 1)}
-        if scope["type"] == "http" and self.fast_lane is not None:
+        if self.fast_lane is not None:
             scope["app"] = self  # as the framework would, for routes that reach the app's state
             await self.fast_lane(scope, receive, send)
         else:
