@@ -171,7 +171,11 @@ async def _create(
         prediction = await _service(state).wait_until_final(prediction, deadline=deadline)
     # Clients poll only after "starting"; any other unfinished status would end run() with no output.
     status_override = "starting" if wait and not prediction.is_terminal else None
-    response = _json(rewrite.to_client(prediction, public, state.key, status_override=status_override), 201)
+    answer = rewrite.to_client(prediction, public, state.key, status_override=status_override)
+    response = _json(answer, 201)
+    if status_override is not None:
+        # Replicate's documented answer to a sync create that ran out of time: where to poll.
+        response.headers["Location"] = answer["urls"]["get"]
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return response

@@ -118,6 +118,7 @@ class TestSyncMode:
         assert len(body["output"]) == 1
         assert time.monotonic() - started < 5
         assert relay.creates()[0].headers["prefer"] == "wait=9"
+        assert "location" not in response.headers  # finished: nothing to poll
 
     def test_an_unfinished_prediction_is_returned_as_starting_within_the_wait(
         self, api: httpx.Client, relay: FakeRelay

@@ -177,6 +177,7 @@ class TestResponses:
         relay.processing_seconds = 30
         response = api.post("/models/a/b/predictions", json={"input": {}}, headers={"Prefer": "wait=1"})
         assert response.json()["status"] == "starting"
+        assert response.headers["location"] == response.json()["urls"]["get"]
         upstream_id = relay.creates()[0].prediction_id or ""
         assert relay.predictions[upstream_id]["status"] == "processing"
 
