@@ -174,11 +174,17 @@ async def create_file(request: Request, state: StateDep, caller: CallerDep, publ
 
 
 @_authenticated.get("/files")
-async def list_files(state: StateDep, caller: CallerDep, public: PublicBaseDep) -> Response:
-    """The caller's files, newest first."""
+async def list_files(request: Request, state: StateDep, caller: CallerDep, public: PublicBaseDep) -> Response:
+    """The caller's files, newest first, a page at a time (`cursor`)."""
     async with state.sessions() as session:
-        rows = await service.list_owned(session, caller.token)
-    return _json({"next": None, "previous": None, "results": [service.to_client(r, public) for r in rows]})
+        page = await service.page_owned(session, caller.token, key=state.key,
+                                        cursor_text=request.query_params.get("cursor"))
+    base = f"{public}/v1/files?cursor="
+    return _json({
+        "next": base + page.next_cursor if page.next_cursor else None,
+        "previous": base + page.previous_cursor if page.previous_cursor else None,
+        "results": [service.to_client(r, public) for r in page.rows],
+    })
 
 
 @_authenticated.get("/files/{file_id}")

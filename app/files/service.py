@@ -12,9 +12,10 @@ from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from sqlalchemy import delete, or_, select
+from sqlalchemy import Select, delete, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app import paging
 from app.columns import utcnow
 from app.errors import ValidationFailed
 from app.files.models import StoredFile
@@ -102,17 +103,21 @@ async def get_live(session: AsyncSession, file_id: str) -> StoredFile | None:
     return row if row is not None and _live(row, utcnow()) else None
 
 
-async def list_owned(session: AsyncSession, token: ApiToken) -> list[StoredFile]:
-    """The token's live files, newest first, at most LIST_LIMIT."""
+async def page_owned(
+    session: AsyncSession, token: ApiToken, *, key: bytes, cursor_text: str | None,
+) -> paging.Page[StoredFile]:
+    """A page of the token's live files, newest first, LIST_LIMIT a page."""
+    async def fetch(statement: Select[Any]) -> list[StoredFile]:
+        return list((await session.scalars(statement)).all())
+
     now = utcnow()
-    result = await session.scalars(
-        select(StoredFile)
-        .where(StoredFile.token_id == token.id,
-               or_(StoredFile.expires_at.is_(None), StoredFile.expires_at > now))
-        .order_by(StoredFile.created_at.desc(), StoredFile.id.desc())
-        .limit(LIST_LIMIT)
+    query = select(StoredFile).where(
+        StoredFile.token_id == token.id, or_(StoredFile.expires_at.is_(None), StoredFile.expires_at > now)
     )
-    return list(result)
+    return await paging.newest_first(
+        query, StoredFile.created_at, StoredFile.id, cursor_text=cursor_text, token_id=token.id, key=key,
+        size=LIST_LIMIT, fetch=fetch, position_of=lambda row: (row.created_at, row.id),
+    )
 
 
 async def remove(session: AsyncSession, storage: LocalStorage, row: StoredFile) -> None:

@@ -15,12 +15,12 @@ from fnmatch import fnmatchcase
 from typing import Any, NoReturn
 
 import orjson
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import Select, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app import crashpoints
+from app import crashpoints, paging
 from app.accounting import pricing
 from app.accounting import service as accounting
 from app.accounting.limits import SharedLimits
@@ -42,7 +42,6 @@ from app.errors import (
 )
 from app.expiring import ExpiringCache
 from app.groups import service as groups
-from app.predictions import cursor as cursors
 from app.predictions.deferred import DeferredWrites
 from app.predictions.headers import cancel_after_seconds
 from app.predictions.models import PREDICTIONS, TERMINAL_STATUSES, Prediction, Submission
@@ -678,7 +677,6 @@ class PredictionService(PredictionRecorder):
     ) -> tuple[list[Prediction], str | None, str | None]:
         """A newest-first page of the caller's predictions with `next` and `previous` cursors,
         optionally only those created at or after `created_after` and before `created_before`."""
-        position = cursors.decode(cursor_text, token.id, key) if cursor_text else None
         query = select(Prediction).where(
             Prediction.token_id == token.id, Prediction.submission != Submission.REJECTED
         )
@@ -686,37 +684,16 @@ class PredictionService(PredictionRecorder):
             query = query.where(Prediction.created_at >= created_after)
         if created_before is not None:
             query = query.where(Prediction.created_at < created_before)
-        newest_first = (Prediction.created_at.desc(), Prediction.id.desc())
-        if position is None:
-            query = query.order_by(*newest_first)
-        elif position.backwards:
-            query = query.where(or_(
-                Prediction.created_at > position.created_at,
-                and_(Prediction.created_at == position.created_at, Prediction.id > position.id),
-            )).order_by(Prediction.created_at.asc(), Prediction.id.asc())
-        else:
-            query = query.where(or_(
-                Prediction.created_at < position.created_at,
-                and_(Prediction.created_at == position.created_at, Prediction.id < position.id),
-            )).order_by(*newest_first)
-        async with self._read_sessions() as session:
-            rows = list((await session.scalars(query.limit(PAGE_SIZE + 1))).all())
-        more = len(rows) > PAGE_SIZE
-        rows = rows[:PAGE_SIZE]
-        if position is not None and position.backwards:
-            rows.reverse()
-            has_newer, has_older = more, True
-        else:
-            has_newer, has_older = position is not None, more
-        if not rows:
-            return rows, None, None
 
-        def at(row: Prediction, backwards: bool) -> str:
-            return cursors.encode(cursors.Cursor(row.created_at, row.id, backwards), token.id, key)
+        async def fetch(statement: Select[Any]) -> list[Prediction]:
+            async with self._read_sessions() as session:
+                return list((await session.scalars(statement)).all())
 
-        next_cursor = at(rows[-1], False) if has_older else None
-        previous_cursor = at(rows[0], True) if has_newer else None
-        return rows, next_cursor, previous_cursor
+        page = await paging.newest_first(
+            query, Prediction.created_at, Prediction.id, cursor_text=cursor_text, token_id=token.id, key=key,
+            size=PAGE_SIZE, fetch=fetch, position_of=lambda row: (row.created_at, row.id),
+        )
+        return page.rows, page.next_cursor, page.previous_cursor
 
     async def refresh(self, prediction_id: str) -> Prediction | None:
         """Refresh any token's unfinished prediction from the upstream (an inbound webhook's hint);

@@ -63,6 +63,15 @@ def test_model_versions_page_through_the_gateway(npm_client: Path, gateway: Gate
     assert [call.query for call in relay.calls if call.path.endswith("/versions")] == ["", "cursor=page-2"]
 
 
+def test_files_page_through_more_than_a_hundred(npm_client: Path, gateway: Gateway, api: httpx.Client) -> None:
+    uploaded = {api.post("/files", files={"content": (f"f{n}.txt", b"x" * (n + 1), "text/plain")}).json()["id"]
+                for n in range(101)}
+    token = api.headers["authorization"].removeprefix("Bearer ")
+    seen = node("contract.mjs", gateway, token, "filesPaginate")
+    assert [len(page) for page in seen["pages"]] == [100, 1]
+    assert {file_id for page in seen["pages"] for file_id in page} == uploaded
+
+
 def test_files_create_get_list_delete(npm_client: Path, gateway: Gateway, token: str) -> None:
     seen = node("contract.mjs", gateway, token, "files")
     created = seen["created"]

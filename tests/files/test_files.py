@@ -181,6 +181,25 @@ class TestReadAndDelete:
         assert [f["id"] for f in api.get("/files").json()["results"]] == [second["id"]]
         assert len(_stored_files(gateway)) == 1
 
+    def test_more_than_a_page_is_listed_through_cursors(self, api: httpx.Client, gateway: Gateway) -> None:
+        uploaded = [_upload(api, content=bytes([n % 256]) * (n + 1), name=f"f{n}.bin").json()["id"]
+                    for n in range(103)]
+        first = api.get("/files").json()
+        assert first["previous"] is None
+        assert first["next"].startswith(f"{gateway.replicate_base}/v1/files?cursor=")
+        assert len(first["results"]) == 100
+        second = api.get(first["next"]).json()
+        assert second["next"] is None
+        listed = [f["id"] for f in first["results"]] + [f["id"] for f in second["results"]]
+        assert listed == uploaded[::-1]  # newest first, none twice, none missing
+        back = api.get(second["previous"]).json()
+        assert [f["id"] for f in back["results"]] == [f["id"] for f in first["results"]]
+        assert back["previous"] is None
+        # A cursor is the token's own: another token's use of it, or a forged one, is refused.
+        with _other_api(gateway) as other:
+            assert_problem(other.get(first["next"]), 400)
+        assert_problem(api.get("/files", params={"cursor": "not-a-cursor"}), 400)
+
     def test_another_tokens_file_is_exactly_a_missing_one(self, api: httpx.Client, gateway: Gateway) -> None:
         mine = _upload(api).json()
         with _other_api(gateway) as other:

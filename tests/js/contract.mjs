@@ -52,6 +52,13 @@ const scenarios = {
     }
     return { pages };
   },
+  async filesPaginate() {
+    const pages = [];
+    for await (const page of replicate.paginate(() => replicate.files.list())) {
+      pages.push(page.map((file) => file.id));
+    }
+    return { pages };
+  },
   // files.create sends metadata as a JSON file part; get, list and delete follow.
   async files() {
     const created = await replicate.files.create(Buffer.from("hello from node"), { who: "node" });
