@@ -120,3 +120,14 @@ class Prediction(Base):
 
 # The table itself, for Core statements on the hot path (no ORM unit of work or identity map).
 PREDICTIONS = cast(Table, Prediction.__table__)
+
+
+class ModelVersion(Base):
+    """The model a version id belongs to, as an upstream's answer showed it: a bare version id
+    (all the official clients send) can then be checked against a token's model limits."""
+
+    __tablename__ = "model_version"
+
+    version: Mapped[str] = mapped_column(String(128), primary_key=True)
+    model: Mapped[str] = mapped_column(String(201))
+    learned_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -343,6 +343,19 @@ def _page_link(link: Any, pages: str) -> str | None:
     return f"{pages}?cursor={quote(cursors[0], safe='')}" if cursors else None
 
 
+def _version_ids(data: dict[str, Any], rest: str) -> list[str]:
+    """The version ids a model's description (its latest version) or a versions page shows.
+
+    Not a single version's lookup: its id is the caller's, and an upstream that answers any id
+    (relays without the endpoint may) would let a caller tie any version to a model it may run."""
+    if rest == "/versions":
+        found = data.get("results")
+        versions = found if isinstance(found, list) else []
+    else:
+        versions = [data.get("latest_version")]
+    return [v["id"] for v in versions if isinstance(v, dict) and isinstance(v.get("id"), str)]
+
+
 async def _forward_read(state: StateDep, caller: CallerDep, public: str, model: str, rest: str,
                         *, cursor: str | None = None) -> Response:
     client, theirs = _reader(state, caller, model)
@@ -354,6 +367,8 @@ async def _forward_read(state: StateDep, caller: CallerDep, public: str, model: 
     if not rest and theirs != model and isinstance(data, dict):
         # The model as the caller names it, not as the upstream does.
         data["owner"], data["name"] = model.split("/")
+    if isinstance(data, dict):
+        await _service(state).versions.learn(model, _version_ids(data, rest))
     if rest == "/versions" and isinstance(data, dict):
         pages = f"{public}/v1/models/{model}/versions"
         data["next"], data["previous"] = _page_link(data.get("next"), pages), _page_link(data.get("previous"), pages)

@@ -9,10 +9,10 @@ import logging
 import re
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from fnmatch import fnmatchcase
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import orjson
 from sqlalchemy import Select, insert, select, update
@@ -46,6 +46,7 @@ from app.predictions.deferred import DeferredWrites
 from app.predictions.headers import cancel_after_seconds
 from app.predictions.models import PREDICTIONS, TERMINAL_STATUSES, Prediction, Submission
 from app.predictions.recording import UNKNOWN_MODEL, NotLinked, PredictionRecorder
+from app.predictions.versions import KnownVersions
 from app.tokens.models import ApiToken
 from app.tokens.service import may_use_model, new_id
 from app.upstream.client import UpstreamFailure
@@ -173,6 +174,7 @@ class PredictionService(PredictionRecorder):
         self._hot_reads = hot_reads
         # A create's own writes that met the database away, retried until they land.
         self.deferred = DeferredWrites()
+        self.versions = KnownVersions(transactions, read_sessions)
         # Creates whose callers were answered before the upstream was (a sync wait that ran out).
         self._continuing: set[asyncio.Task[Any]] = set()
         # Final predictions, which clients poll again and again, served without a database read,
@@ -208,6 +210,8 @@ class PredictionService(PredictionRecorder):
         """Admit, record, forward, record the outcome; returns the prediction and whether it is
         an idempotent replay. The row and its reservation exist before any byte leaves, and
         `recorded_as`, if given, is resolved with it then."""
+        if target.version is not None and target.upstream_path == "v1/predictions":
+            target = await self._with_known_model(token, target)
         if target.model is not None and not may_use_model(token, target.model):
             raise Forbidden(f"This token may not run {target.model}")
         if target.model is None and token.model_globs:
@@ -457,7 +461,37 @@ class PredictionService(PredictionRecorder):
         log.info("prediction.create_failed", extra={
             "prediction_id": prediction.id, "maybe_sent": maybe_sent})
 
+    async def _with_known_model(self, token: ApiToken, target: CreateTarget) -> CreateTarget:
+        """A version create's target with the version's model, if an upstream has shown it.
+
+        A bare id then runs as its model (limits, routing, pricing). A model the caller named
+        with the id that is not the version's own does not get a limited token past its limits:
+        the version's own model must be allowed too."""
+        version = cast(str, target.version)
+        group = token.group
+        limited = bool(token.model_globs) or (group is not None and group.model_globs is not None)
+        # Only a limited token reads the ledger for it: for the others it decides nothing.
+        model = await self.versions.model_of(version) if limited else self.versions.cached(version)
+        if model is None:
+            return target
+        if target.model is None:
+            return replace(target, model=model)
+        if limited and model != target.model:
+            if not may_use_model(token, model):
+                raise Forbidden(f"Version {version} is of {model}, which this token may not run")
+            groups.check_model(group, model)
+        return target
+
+    async def _learn_version(self, prediction: Prediction, reply: UpstreamPrediction) -> None:
+        upstream = self._registry.get(prediction.upstream or "")
+        if prediction.version is not None and reply.model and upstream is not None:
+            model = upstream.our_model(reply.model)
+            if self.versions.cached(prediction.version) != model:
+                await self.versions.learn(model, [prediction.version])
+
     async def _record_accepted(self, prediction: Prediction, reply: UpstreamPrediction) -> Prediction:
+        if prediction.version is not None:
+            await self._learn_version(prediction, reply)
         now = utcnow()
         link = {"upstream_id": reply.id, "submission": Submission.ACCEPTED,
                 "next_poll_at": now + timedelta(seconds=FIRST_POLL_SECONDS)}

@@ -88,6 +88,10 @@ class Upstream:
         """Our `owner/name` as this upstream names it."""
         return self.config.model_map.get(model, model)
 
+    def our_model(self, theirs: str) -> str:
+        """This upstream's name of a model as our `owner/name`."""
+        return next((ours for ours, mapped in self.config.model_map.items() if mapped == theirs), theirs)
+
 
 class Registry:
     """Every upstream by name, and the order in which a create tries them."""
