@@ -95,18 +95,25 @@ def _json_value(value: Any) -> Any:
 
 
 def check_deliveries(db_url: str, *, final: bool = False) -> None:
-    """I7: every subscribed terminal event has exactly one delivery record, and none for an
-    unfinished prediction; a record is pending only while attempts remain (never, when `final`)."""
+    """I7: every subscribed terminal event has exactly one delivery record per receiving URL (the
+    webhook's when it asked for `completed`, and `webhook_completed`'s), and none for an unfinished
+    prediction; a record is pending only while attempts remain (never, when `final`)."""
     deliveries = rows(db_url, "webhook_delivery")
-    completed = Counter(d["prediction_id"] for d in deliveries if d["event"] == "completed")
+    completed: dict[str, Counter[str]] = defaultdict(Counter)
+    for delivery in deliveries:
+        if delivery["event"] == "completed":
+            completed[delivery["prediction_id"]][delivery["url"]] += 1
     for prediction in rows(db_url, "prediction"):
         events = _json_value(prediction["webhook_events_filter"])
         wants_completed = "completed" in (events if events is not None else ["output", "completed"])
-        if (prediction["webhook"] and wants_completed and prediction["status"] in TERMINAL
-                and prediction["submission"] != "rejected"):
-            assert completed[prediction["id"]] == 1, (prediction["id"], completed[prediction["id"]])
-        else:
-            assert completed[prediction["id"]] == 0, (prediction["id"], prediction["status"])
+        receivers: set[str] = set()
+        if prediction["webhook"] and prediction["status"] in TERMINAL and prediction["submission"] != "rejected":
+            if wants_completed:
+                receivers.add(prediction["webhook"])
+            if prediction["webhook_completed"]:
+                receivers.add(prediction["webhook_completed"])
+        counted = dict(completed[prediction["id"]])
+        assert counted == dict.fromkeys(receivers, 1), (prediction["id"], prediction["status"], counted)
     for delivery in deliveries:
         assert delivery["status"] in ("pending", "delivered", "dead"), delivery
         assert 0 <= delivery["attempts"] <= delivery["max_attempts"], delivery

@@ -106,6 +106,8 @@ class Prediction(Base):
     # The client's webhook, kept here and never sent upstream.
     webhook: Mapped[str | None] = mapped_column(Text, default=None)
     webhook_events_filter: Mapped[list[str] | None] = mapped_column(JSON, default=None)
+    # The legacy `webhook_completed`, when given beside `webhook`: it gets the completed event too.
+    webhook_completed: Mapped[str | None] = mapped_column(Text, default=None)
     webhook_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     webhook_sequence: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     outputs_archived: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")

@@ -155,10 +155,13 @@ async def _create(
         prefer=f"wait={upstream_wait}" if upstream_wait else None, wait=upstream_wait,
         cancel_after=cancel_after,
         idempotency_key=idempotency_key,
+        # `webhook_completed` alone is a webhook for the completed event; beside a `webhook` it
+        # is a second receiver of that event (the Python client still sends it).
         webhook=body.webhook or body.webhook_completed,
         webhook_events_filter=(list(dict.fromkeys(body.webhook_events_filter))
                                if body.webhook_events_filter is not None
                                else (["completed"] if body.webhook_completed and not body.webhook else None)),
+        webhook_completed=body.webhook_completed if body.webhook else None,
         public_base=public,
         caller_input=body.input,
         recorded_as=recorded_as,

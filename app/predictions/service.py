@@ -203,6 +203,7 @@ class PredictionService(PredictionRecorder):
         idempotency_key: str | None = None,
         webhook: str | None = None,
         webhook_events_filter: list[str] | None = None,
+        webhook_completed: str | None = None,
         public_base: str | None = None,
         caller_input: dict[str, Any] | None = None,
         recorded_as: asyncio.Future[Prediction] | None = None,
@@ -265,6 +266,7 @@ class PredictionService(PredictionRecorder):
             "request_hash": request_hash,
             "webhook": webhook,
             "webhook_events_filter": webhook_events_filter,
+            "webhook_completed": webhook_completed,
             "public_base": public_base,
             # What a flush would have filled in: the row is written by a plain insert below.
             "streamable": False, "poll_attempts": 0, "webhook_sequence": 0, "outputs_archived": False,

@@ -34,6 +34,15 @@ def subscribed(prediction: Prediction) -> frozenset[str]:
     return frozenset(DEFAULT_EVENTS if chosen is None else chosen)
 
 
+def completed_only(prediction: Prediction, wanted: frozenset[str]) -> str | None:
+    """The `webhook_completed` URL, when its completed event is a message of its own: not when
+    it is the `webhook` URL already subscribed to `completed` (one message per event and URL)."""
+    url = prediction.webhook_completed
+    if url is None or (url == prediction.webhook and "completed" in wanted):
+        return None
+    return url
+
+
 def body_of(prediction: Prediction, key: bytes) -> str:
     """The exact JSON a webhook sends: the prediction as `GET /v1/predictions/{id}` returns it."""
     return orjson.dumps(rewrite.to_client(prediction, prediction.public_base or _UNKNOWN_BASE, key)).decode()
@@ -73,7 +82,8 @@ def record_events(
         sent_at = prediction.webhook_sent_at
         if intermediate is not None and (sent_at is None or now - sent_at >= THROTTLE):
             events.append(intermediate)
-    if not events:
+    also = completed_only(prediction, wanted) if prediction.is_terminal else None
+    if not events and also is None:
         return
     body = body_of(prediction, key)
     sequence = prediction.webhook_sequence
@@ -81,23 +91,14 @@ def record_events(
     deliveries = []
     for event in events:
         sequence += 1
-        terminal = event == "completed"
         if event in ("output", "logs"):
             throttle_clock = now
-        deliveries.append({
-            "prediction_id": prediction.id,
-            "token_id": prediction.token_id,
-            "event": event,
-            "dedupe_key": f"{prediction.id}:completed" if terminal else f"{prediction.id}:{event}:{sequence}",
-            "message_id": "msg_" + secrets.token_urlsafe(24),
-            "url": prediction.webhook,
-            "body": body,
-            "status": DeliveryStatus.PENDING,
-            "attempts": 0,
-            "max_attempts": len(RETRY_SCHEDULE) + 1 if terminal else 1,
-            "next_attempt_at": now,
-            "created_at": now,
-        })
+        dedupe_key = f"{prediction.id}:completed" if event == "completed" else f"{prediction.id}:{event}:{sequence}"
+        deliveries.append(_delivery(prediction, event, dedupe_key, prediction.webhook, body, now))
+    if also is not None:
+        # Another message to another receiver: its own dedupe key and webhook-id.
+        deliveries.append(_delivery(prediction, "completed", f"{prediction.id}:completed:webhook_completed",
+                                    also, body, now))
     connection.execute(_INSERT_DELIVERY, deliveries)
     # The caller's UPDATE holds the row (lock on PostgreSQL, write lock on SQLite) until commit,
     # so this read-modify-write of the sequence cannot interleave with another change.
@@ -108,3 +109,23 @@ def record_events(
     )
     set_committed_value(prediction, "webhook_sequence", sequence)
     set_committed_value(prediction, "webhook_sent_at", throttle_clock)
+
+
+def _delivery(prediction: Prediction, event: str, dedupe_key: str, url: str, body: str,
+              now: datetime) -> dict[str, Any]:
+    """One outbox row; only a completed event has retries."""
+    terminal = event == "completed"
+    return {
+        "prediction_id": prediction.id,
+        "token_id": prediction.token_id,
+        "event": event,
+        "dedupe_key": dedupe_key,
+        "message_id": "msg_" + secrets.token_urlsafe(24),
+        "url": url,
+        "body": body,
+        "status": DeliveryStatus.PENDING,
+        "attempts": 0,
+        "max_attempts": len(RETRY_SCHEDULE) + 1 if terminal else 1,
+        "next_attempt_at": now,
+        "created_at": now,
+    }
