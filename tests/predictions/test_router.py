@@ -264,12 +264,36 @@ class TestWebhookFields:
         assert problem["invalid_fields"][0]["field"] == "webhook"
         assert relay.creates() == []
 
+    @pytest.mark.parametrize("webhook", [None, "https://hooks.example/ok"])
+    @pytest.mark.parametrize("url", ["ftp://x.example/hook", "https://user:pw@x.example/hook",
+                                     "https://x.example/hook#frag", "http://2130706433/",
+                                     "https://x.example/" + "a" * 2031])
+    def test_undeliverable_webhook_completed_urls_are_422(
+        self, gateway: Gateway, api: httpx.Client, relay: FakeRelay, url: str, webhook: str | None
+    ) -> None:
+        body = {"input": {}, "webhook_completed": url, **({"webhook": webhook} if webhook else {})}
+        problem = assert_problem(api.post("/models/a/b/predictions", json=body), 422)
+        assert [f["field"] for f in problem["invalid_fields"]] == ["webhook_completed"]
+        assert relay.creates() == []
+        assert rows(gateway.db_url, "prediction") == []
+
     def test_webhook_fields_are_kept_and_never_sent_upstream(self, api: httpx.Client, relay: FakeRelay) -> None:
-        body = {"input": {}, "webhook": "https://hooks.example/x?customId=1", "webhook_events_filter": ["completed"]}
+        body = {"input": {}, "webhook": "https://hooks.example/x?customId=1", "webhook_events_filter": ["completed"],
+                "webhook_completed": "https://hooks.example/y"}
         assert api.post("/models/a/b/predictions", json=body).status_code == 201
         sent = relay.creates()[0].json()
         assert "webhook" not in sent
         assert "webhook_events_filter" not in sent
+        assert "webhook_completed" not in sent
+
+    def test_webhook_completed_alone_is_the_webhook_for_the_completed_event(
+        self, gateway: Gateway, api: httpx.Client, relay: FakeRelay
+    ) -> None:
+        body = {"input": {}, "webhook_completed": "https://hooks.example/done"}
+        assert api.post("/models/a/b/predictions", json=body).status_code == 201
+        (row,) = rows(gateway.db_url, "prediction")
+        assert (row["webhook"], row["webhook_completed"]) == ("https://hooks.example/done", None)
+        assert row["webhook_events_filter"] in (["completed"], '["completed"]')
 
 
 def test_a_client_that_disconnects_mid_body_leaves_nothing_and_logs_no_error(

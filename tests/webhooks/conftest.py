@@ -22,6 +22,14 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture
+def other_receiver() -> Iterator[Receiver]:
+    """A second receiver, for a `webhook_completed` beside the `webhook`."""
+    server = Receiver().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def hooks_gateway(gateway_factory: Any) -> Gateway:
     """A gateway that may deliver to 127.0.0.1 and sends its outbox every 0.1 s."""
     gw: Gateway = gateway_factory(allow_private_webhooks=True, webhook_interval=0.1, reconcile_interval=0.2)

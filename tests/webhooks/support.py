@@ -26,13 +26,18 @@ def moment(value: Any) -> datetime:
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed
 
 
-def create_with_webhook(api: httpx.Client, url: str, events: list[str] | None = None,
-                        model: str = "black-forest-labs/flux-schnell", **inputs: Any) -> dict[str, Any]:
-    """Create a prediction with a webhook (and an events filter, when given)."""
-    body: dict[str, Any] = {"input": {"prompt": "p", **inputs}, "webhook": url}
+def create_with_webhook(api: httpx.Client, url: str | None, events: list[str] | None = None,
+                        model: str = "black-forest-labs/flux-schnell", *, webhook_completed: str | None = None,
+                        headers: dict[str, str] | None = None, **inputs: Any) -> dict[str, Any]:
+    """Create a prediction with a webhook (and an events filter and `webhook_completed`, when given)."""
+    body: dict[str, Any] = {"input": {"prompt": "p", **inputs}}
+    if url is not None:
+        body["webhook"] = url
     if events is not None:
         body["webhook_events_filter"] = events
-    response = api.post(f"/models/{model}/predictions", json=body)
+    if webhook_completed is not None:
+        body["webhook_completed"] = webhook_completed
+    response = api.post(f"/models/{model}/predictions", json=body, headers=headers)
     assert response.status_code == 201, response.text
     created: dict[str, Any] = response.json()
     return created
@@ -46,11 +51,13 @@ def deliveries(db_url: str, prediction_id: str | None = None) -> list[dict[str, 
 
 
 def wait_delivery(db_url: str, prediction_id: str, event: str = "completed", timeout: float = 15,
-                  **expected: Any) -> dict[str, Any]:
-    """Wait until the prediction's delivery of `event` has the `expected` column values."""
+                  *, url: str | None = None, **expected: Any) -> dict[str, Any]:
+    """Wait until the prediction's delivery of `event` (to `url`, when given) has the `expected`
+    column values."""
     deadline = time.monotonic() + timeout
     while True:
-        found = [d for d in deliveries(db_url, prediction_id) if d["event"] == event]
+        found = [d for d in deliveries(db_url, prediction_id)
+                 if d["event"] == event and (url is None or d["url"] == url)]
         if found and all(found[0][k] == v for k, v in expected.items()):
             return found[0]
         if time.monotonic() > deadline:

@@ -131,23 +131,33 @@ def test_a_failed_attempt_is_retried_with_the_same_webhook_id(
     receiver.answer(500)
     created = create_with_webhook(hooks_api, receiver.url(), ["completed"])
     wait_terminal(hooks_api, created["id"])
+    failed = first_attempt_failed(hooks_gateway.db_url, receiver, created["id"])
+    resent_and_delivered(hooks_api, hooks_gateway.db_url, receiver, failed)
+    check_deliveries(hooks_gateway.db_url, final=True)
+
+
+def first_attempt_failed(db_url: str, receiver: Receiver, prediction_id: str, url: str | None = None) -> dict[str, Any]:
+    """The completed delivery (to `url`) once its first attempt was answered 500."""
     receiver.wait_for(1, answered=500)
-    failed = wait_delivery(hooks_gateway.db_url, created["id"], attempts=1, last_status=500)
-    assert failed["status"] == "pending"
-    assert failed["last_error"] == "the receiver answered 500"
+    failed = wait_delivery(db_url, prediction_id, url=url, attempts=1, last_status=500)
+    assert (failed["status"], failed["last_error"]) == ("pending", "the receiver answered 500")
     waited = moment(failed["next_attempt_at"]) - moment(failed["created_at"])
     assert timedelta(seconds=5) <= waited <= timedelta(seconds=6.5)  # first step of the schedule
-    execute(hooks_gateway.db_url, "UPDATE webhook_delivery SET next_attempt_at = created_at")  # travel
+    return failed
+
+
+def resent_and_delivered(api: httpx.Client, db_url: str, receiver: Receiver, failed: dict[str, Any]) -> None:
+    """Make the pending deliveries due now; the failed one is resent, as it was, and delivered."""
+    execute(db_url, "UPDATE webhook_delivery SET next_attempt_at = created_at WHERE status = 'pending'")  # travel
     first, second = receiver.wait_for(2)
     assert second.status == 204
     assert first.headers["webhook-id"] == second.headers["webhook-id"] == failed["message_id"]
     assert first.body == second.body
-    secret = hooks_api.get("/webhooks/default/secret").json()["key"]
+    secret = api.get("/webhooks/default/secret").json()["key"]
     verify_signature(secret, first)
     verify_signature(secret, second)
-    done = wait_delivery(hooks_gateway.db_url, created["id"], status="delivered")
+    done = wait_delivery(db_url, failed["prediction_id"], url=failed["url"], status="delivered")
     assert (done["attempts"], done["last_status"], done["last_error"]) == (2, 204, None)
-    check_deliveries(hooks_gateway.db_url, final=True)
 
 
 def test_429_is_retried_after_its_retry_after(
@@ -229,15 +239,108 @@ def test_a_private_destination_is_refused_when_not_allowed(
     gateway: Gateway = gateway_factory(webhook_interval=0.1)
     assert gateway.settings.allow_private_webhooks is False
     with gateway.client(create_token(gateway.db_url, "ssrf")) as api:
-        created = create_with_webhook(api, receiver.url(), ["start", "completed"])
+        # `webhook_completed` meets the same check as `webhook`.
+        created = create_with_webhook(api, receiver.url(), ["start", "completed"],
+                                      webhook_completed=receiver.url("/completed"))
         wait_terminal(api, created["id"])
-    dead = wait_delivery(gateway.db_url, created["id"], status="dead")
-    assert (dead["last_error"], dead["last_status"], dead["attempts"]) == ("destination not allowed", None, 1)
+    for url in (receiver.url(), receiver.url("/completed")):
+        dead = wait_delivery(gateway.db_url, created["id"], url=url, status="dead")
+        assert (dead["last_error"], dead["last_status"], dead["attempts"]) == ("destination not allowed", None, 1)
     start = wait_delivery(gateway.db_url, created["id"], event="start", status="dead")
     assert start["last_error"] == "destination not allowed"
     time.sleep(0.3)
     assert receiver.requests == []  # not one connection reached the listener
     check_deliveries(gateway.db_url, final=True)
+
+
+# ---- webhook_completed beside a webhook: a second receiver of the completed event ----
+
+
+def test_webhook_completed_beside_a_webhook_gets_the_completed_event_as_a_message_of_its_own(
+    hooks_gateway: Gateway, hooks_api: httpx.Client, receiver: Receiver, other_receiver: Receiver
+) -> None:
+    hook, also = receiver.url("/a"), other_receiver.url("/b?customId=9")
+    created = create_with_webhook(hooks_api, hook, ["start", "completed"], webhook_completed=also)
+    final = wait_terminal(hooks_api, created["id"])
+    by_status = {r.json()["status"]: r for r in receiver.wait_for(2)}
+    (completed_only,) = other_receiver.wait_for(1)
+    secret = hooks_api.get("/webhooks/default/secret").json()["key"]
+
+    assert sorted(by_status) == ["starting", "succeeded"]
+    for request in by_status.values():
+        verify_signature(secret, request)
+    assert verify_signature(secret, completed_only) == verify_signature(secret, by_status["succeeded"]) == final
+    assert (completed_only.path, completed_only.query) == ("/b", "customId=9")
+    # Two receivers, two messages: a receiver deduplicating on webhook-id must see both.
+    assert completed_only.headers["webhook-id"] != by_status["succeeded"].headers["webhook-id"]
+    row = wait_delivery(hooks_gateway.db_url, created["id"], url=also, status="delivered")
+    assert (row["attempts"], row["max_attempts"]) == (1, len(outbox.RETRY_SCHEDULE) + 1)
+    assert row["message_id"] == completed_only.headers["webhook-id"]
+    wait_delivery(hooks_gateway.db_url, created["id"], url=hook, status="delivered")
+    time.sleep(0.5)
+    assert (len(receiver.requests), len(other_receiver.requests)) == (2, 1)
+    assert sorted((d["event"], d["url"]) for d in deliveries(hooks_gateway.db_url, created["id"])) == sorted([
+        ("start", hook), ("completed", hook), ("completed", also)])
+    check_deliveries(hooks_gateway.db_url, final=True)
+
+
+@pytest.mark.parametrize(("events", "expected"), [
+    (None, ["completed"]),  # the webhook already gets completed: not a second time
+    (["start"], ["completed", "start"]),  # completed only through webhook_completed
+])
+def test_the_same_url_as_webhook_and_webhook_completed_gets_each_event_once(
+    hooks_gateway: Gateway, hooks_api: httpx.Client, receiver: Receiver,
+    events: list[str] | None, expected: list[str],
+) -> None:
+    created = create_with_webhook(hooks_api, receiver.url(), events, webhook_completed=receiver.url())
+    wait_terminal(hooks_api, created["id"])
+    receiver.wait_for(len(expected))
+    wait_delivery(hooks_gateway.db_url, created["id"], status="delivered")
+    time.sleep(0.5)
+    assert sorted(d["event"] for d in deliveries(hooks_gateway.db_url, created["id"])) == expected
+    assert sorted(r.json()["status"] for r in receiver.requests) == sorted(
+        {"completed": "succeeded", "start": "starting"}[event] for event in expected)
+    assert len({r.headers["webhook-id"] for r in receiver.requests}) == len(expected)
+    check_deliveries(hooks_gateway.db_url, final=True)
+
+
+def test_a_failing_webhook_completed_is_retried_and_the_webhook_is_unaffected(
+    hooks_gateway: Gateway, hooks_api: httpx.Client, receiver: Receiver, other_receiver: Receiver,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    other_receiver.answer(500)
+    hook, also = receiver.url("/a"), other_receiver.url("/b?token=receiver-secret-b")
+    created = create_with_webhook(hooks_api, hook, ["start", "completed"], webhook_completed=also)
+    wait_terminal(hooks_api, created["id"])
+    failed = first_attempt_failed(hooks_gateway.db_url, other_receiver, created["id"], url=also)
+    for event in ("start", "completed"):
+        sent = wait_delivery(hooks_gateway.db_url, created["id"], event, url=hook, status="delivered")
+        assert (sent["attempts"], sent["last_status"]) == (1, 204)
+    resent_and_delivered(hooks_api, hooks_gateway.db_url, other_receiver, failed)
+    time.sleep(0.3)
+    assert len(receiver.requests) == 2  # the webhook's own deliveries were neither held nor repeated
+    assert any(r.getMessage().startswith("webhooks.") for r in caplog.records)
+    # The receiver's secret in its URL reaches no log record, whatever a formatter would keep.
+    assert not [r for r in caplog.records if "receiver-secret-b" in repr(r.__dict__)]
+    check_deliveries(hooks_gateway.db_url, final=True)
+
+
+def test_an_idempotent_replay_adds_no_delivery(
+    hooks_gateway: Gateway, hooks_api: httpx.Client, receiver: Receiver, other_receiver: Receiver
+) -> None:
+    key = {"Idempotency-Key": "hooks-1"}
+    hook, also = receiver.url("/a"), other_receiver.url("/b")
+    created = create_with_webhook(hooks_api, hook, ["completed"], webhook_completed=also, headers=key)
+    wait_terminal(hooks_api, created["id"])
+    wait_delivery(hooks_gateway.db_url, created["id"], url=also, status="delivered")
+    wait_delivery(hooks_gateway.db_url, created["id"], url=hook, status="delivered")
+    for _ in range(2):
+        assert create_with_webhook(hooks_api, hook, ["completed"], webhook_completed=also,
+                                   headers=key)["id"] == created["id"]
+    time.sleep(0.5)
+    assert len(deliveries(hooks_gateway.db_url, created["id"])) == 2
+    assert (len(receiver.requests), len(other_receiver.requests)) == (1, 1)
+    check_deliveries(hooks_gateway.db_url, final=True)
 
 
 # ---- the deliverer on its own, with a travelling clock and a stub resolver ----

@@ -137,3 +137,49 @@ def test_a_second_completed_delivery_cannot_exist(ledger: Ledger) -> None:
         ledger.change(pid, previous_status="processing")
     assert len(ledger.deliveries(pid)) == 1
     assert WebhookDelivery.__table__.c.dedupe_key.unique
+
+
+ALSO = "https://other.example.com/done?customId=8"
+
+
+def test_webhook_completed_gets_the_completed_event_as_another_message(ledger: Ledger) -> None:
+    pid = ledger.prediction(webhook_events_filter=["start", "completed"], webhook_completed=ALSO)
+    ledger.change(pid, previous_status=None)
+    ledger.change(pid, previous_status="starting", status="processing", output=["a"], previous_output=None)
+    assert [d["event"] for d in ledger.deliveries(pid)] == ["start"]  # nothing more before the end
+    ledger.change(pid, previous_status="processing", status="failed", previous_output=["a"])
+    start, completed, also = ledger.deliveries(pid)
+    assert [(d["event"], d["url"]) for d in (completed, also)] == [
+        ("completed", "https://hooks.example.com/in?customId=7"), ("completed", ALSO)]
+    assert (completed["dedupe_key"], also["dedupe_key"]) == (f"{pid}:completed", f"{pid}:completed:webhook_completed")
+    assert also["max_attempts"] == completed["max_attempts"] == len(outbox.RETRY_SCHEDULE) + 1
+    assert also["message_id"].startswith("msg_")
+    assert len({start["message_id"], completed["message_id"], also["message_id"]}) == 3
+    assert also["body"] == completed["body"]
+    assert also["token_id"] == ledger.token_id
+    assert ledger.row(pid)["webhook_sequence"] == 2  # the webhook's own messages only
+
+
+def test_webhook_completed_gets_completed_even_when_the_webhook_filter_leaves_it_out(ledger: Ledger) -> None:
+    pid = ledger.prediction(webhook_events_filter=["output"], webhook_completed=ALSO)
+    ledger.change(pid, previous_status="processing", status="succeeded", output=["x"], previous_output=None)
+    (also,) = ledger.deliveries(pid)
+    assert (also["event"], also["url"], also["dedupe_key"]) == ("completed", ALSO, f"{pid}:completed:webhook_completed")
+
+
+@pytest.mark.parametrize("events", [None, ["completed"], ["start"], []])
+def test_the_webhook_url_given_again_as_webhook_completed_gets_completed_once(
+    ledger: Ledger, events: list[str] | None
+) -> None:
+    pid = ledger.prediction(webhook_events_filter=events, webhook_completed="https://hooks.example.com/in?customId=7")
+    ledger.change(pid, previous_status="processing", status="succeeded")
+    (completed,) = ledger.deliveries(pid)
+    assert (completed["event"], completed["url"]) == ("completed", "https://hooks.example.com/in?customId=7")
+
+
+def test_a_second_completed_delivery_to_webhook_completed_cannot_exist(ledger: Ledger) -> None:
+    pid = ledger.prediction(status="succeeded", webhook_events_filter=[], webhook_completed=ALSO)
+    ledger.change(pid, previous_status="processing")
+    with pytest.raises(Exception, match=r"(?i)unique|duplicate"):
+        ledger.change(pid, previous_status="processing")
+    assert len(ledger.deliveries(pid)) == 1
