@@ -1,7 +1,7 @@
 """The model each version id belongs to, learned from upstream answers.
 
 Revision ID: 8c41f0a9d2e6
-Revises: 5d2a8c6f1b37
+Revises: c386a15ead72
 Create Date: 2026-12-07 16:00:00.000000
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = '8c41f0a9d2e6'
-down_revision: str | None = '5d2a8c6f1b37'
+down_revision: str | None = 'c386a15ead72'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
