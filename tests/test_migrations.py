@@ -12,6 +12,7 @@ from alembic.util.exc import CommandError
 
 from app.db import alembic_config, make_engine, schema_is_current
 from tests.conftest import DATABASES, POSTGRES_URL
+from tests.dbtools import execute, rows, truncate_all
 
 
 @pytest.mark.parametrize("database", DATABASES)
@@ -25,6 +26,28 @@ def test_upgrade_check_downgrade_upgrade(database: str, tmp_path: Path) -> None:
         command.check(config)
     command.upgrade(config, "head")
     command.check(config)
+
+
+@pytest.mark.parametrize("database", DATABASES)
+def test_the_previous_minutes_rate_count_is_added_as_zero_and_dropped_again(database: str, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'm.db'}" if database == "sqlite" else str(POSTGRES_URL)
+    config = alembic_config(url)
+    before = "5d2a8c6f1b37"
+    command.upgrade(config, "head")
+    if database != "sqlite":
+        truncate_all(url)  # the shared database may hold other tests' rows
+    command.downgrade(config, before)
+    execute(url, "INSERT INTO api_token (id, name, display_prefix, token_hash, rpm_limit, rate_window, rate_count, "
+                 "created_at) VALUES ('t1', 'kept', 'gw_ab', 'h1', 5, 29000000, 4, CURRENT_TIMESTAMP)")
+    command.upgrade(config, "df21c9d16b54")
+    (row,) = rows(url, "api_token")
+    assert (row["rate_window"], row["rate_count"], row["rate_previous_count"]) == (29000000, 4, 0)
+    command.downgrade(config, before)
+    (row,) = rows(url, "api_token")
+    assert "rate_previous_count" not in row
+    assert (row["name"], row["rate_count"]) == ("kept", 4)
+    command.upgrade(config, "head")
+    execute(url, "DELETE FROM api_token")
 
 
 def test_the_gateway_refuses_an_unmigrated_database(tmp_path: Path) -> None:

@@ -33,6 +33,8 @@ class ApiToken(Base):
     budget_window: Mapped[str | None] = mapped_column(String(7), default=None)  # "2026-11"
     rate_window: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # epoch minute
     rate_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Creates in the minute before rate_window, which the sliding window weighs in.
+    rate_previous_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
