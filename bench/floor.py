@@ -36,14 +36,14 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.accounting.service import _ADMIT, _ENTRY, month_of
+from app.accounting.service import _ADMIT, _ENTRY, admission_parameters
 from app.db import WalCheckpointer, _plan, _values, make_engine
 from app.predictions.recording import _state_update
 from app.predictions.service import _INSERT
 from app.tokens.service import INSTANCE_KEY_ID, hash_token, instance_key, new_id
 
 # The parameters each statement gets from the gateway on a create (bench/upstream.py's answers).
-ADMIT_NAMES = ("token_id", "estimate", "now", "month", "minute")
+ADMIT_NAMES = ("token_id", "estimate", "now", "month", "minute", "rate_weight")
 INSERT_NAMES = ("id", "token_id", "upstream", "submission", "model", "status", "input", "created_at",
                 "updated_at", "estimate_micros", "price_multiplier_ppm", "bill_failures", "submit_deadline",
                 "public_base", "streamable", "poll_attempts", "webhook_sequence", "outputs_archived")
@@ -217,8 +217,7 @@ class Floor:
         statements = self._ledger.statements
 
         def admit_and_record(cursor: sqlite3.Cursor) -> None:
-            admission = {"token_id": token_id, "estimate": 0, "now": now, "month": month_of(now),
-                         "minute": int(now.timestamp() // 60)}
+            admission = admission_parameters(token_id=token_id, estimate_micros=0, now=now)
             cursor.execute(statements.admit.sql, statements.admit.values(admission))
             if cursor.rowcount != 1:
                 raise RuntimeError("not admitted")

@@ -16,7 +16,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from app.accounting.service import in_flight_refusal, rate_refusal
+from app.accounting.service import MINUTE_MICROS, in_flight_refusal, rate_clock, rate_refusal
 from app.config import Settings
 from app.tokens.models import ApiToken
 
@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 
 # A hung Redis costs a create at most this long before the database takes over.
 TIMEOUT_SECONDS = 0.5
-# A minute's counter outlives its minute a little, for gateway clocks slightly apart.
-RATE_KEY_SECONDS = 120
+# A minute's counter is read through the next minute as the previous one; one minute more
+# covers gateway clocks slightly apart.
+RATE_KEY_SECONDS = 180
 # Past the longest a prediction can stay unfinished (its maximum life, then the reconciler's
 # last poll), an in-flight entry can only be a slot a crash never gave back.
 SLOT_MARGIN_SECONDS = 300
@@ -39,28 +40,37 @@ ADMITTED, RATE_REFUSED, IN_FLIGHT_REFUSED = 0, 1, 2
 # Given prediction ids, which of them the database holds and whether each is final.
 FinishedAmong = Callable[[list[str]], Awaitable[dict[str, bool]]]
 
-# KEYS: this minute's create counter, the in-flight set (prediction id scored by Redis time).
-# ARGV: rpm limit and in-flight limit (-1: none), prediction id, slot lifetime, counter lifetime.
+# KEYS: this minute's create counter, the in-flight set (prediction id scored by Redis time),
+# the previous minute's create counter. ARGV: rpm limit and in-flight limit (-1: none),
+# prediction id, slot lifetime, counter lifetime, the previous minute's weight (`rate_clock`).
 # Both limits are checked and both slots taken in one script, so no other admission interleaves.
+# Answers {verdict, previous count, current count}: a rate refusal's Retry-After needs both.
+# The rate rule is `rate_admits`; Lua's doubles hold its products exactly (below 2^53, so for
+# fewer than 150 million creates a minute).
 _ADMIT = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local lifetime = tonumber(ARGV[4])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - lifetime)
 local rpm = tonumber(ARGV[1])
-if rpm >= 0 and tonumber(redis.call('GET', KEYS[1]) or '0') >= rpm then
-  return 1
+if rpm >= 0 then
+  local counts = redis.call('MGET', KEYS[3], KEYS[1])
+  local previous = tonumber(counts[1] or '0')
+  local current = tonumber(counts[2] or '0')
+  if previous * tonumber(ARGV[6]) >= (rpm - current) * MINUTE_MICROS then
+    return {1, previous, current}
+  end
 end
 local max_in_flight = tonumber(ARGV[2])
 if max_in_flight >= 0 and redis.call('ZCARD', KEYS[2]) >= max_in_flight then
-  return 2
+  return {2, 0, 0}
 end
 redis.call('INCR', KEYS[1])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
 redis.call('ZADD', KEYS[2], now, ARGV[3])
 redis.call('EXPIRE', KEYS[2], math.ceil(lifetime))
-return 0
-"""
+return {0, 0, 0}
+""".replace("MINUTE_MICROS", str(MINUTE_MICROS))
 
 # KEYS: the admission's minute counter, the in-flight set. ARGV: prediction id.
 # The count is given back only with the slot, so undoing twice gives back once.
@@ -159,18 +169,20 @@ class SharedLimits:
         if self._admit is None:
             return None
         # Tokens without limits are counted too, so a limit set later sees what already runs.
-        rate_key = self.rate_key(token.id, int(now.timestamp() // 60))
+        minute, weight = rate_clock(now)
+        rate_key = self.rate_key(token.id, minute)
         try:
-            verdict = await self._admit(
-                keys=[rate_key, self.in_flight_key(token.id)],
+            answer = await self._admit(
+                keys=[rate_key, self.in_flight_key(token.id), self.rate_key(token.id, minute - 1)],
                 args=[_limit(token.rpm_limit), _limit(token.max_in_flight), prediction_id,
-                      self._slot_seconds, RATE_KEY_SECONDS],
+                      self._slot_seconds, RATE_KEY_SECONDS, weight],
             )
         except REDIS_ERRORS as exc:
             self._failed("admit", exc)
             return None
+        verdict, previous, current = (int(value) for value in cast("list[int]", answer))
         if verdict == RATE_REFUSED and token.rpm_limit is not None:
-            raise rate_refusal(token.rpm_limit, now)
+            raise rate_refusal(token.rpm_limit, now, previous=previous, current=current)
         if verdict == IN_FLIGHT_REFUSED and token.max_in_flight is not None:
             if finished_among is not None and await self._drop_stale(token.id, finished_among):
                 return await self.take(token=token, prediction_id=prediction_id, now=now)

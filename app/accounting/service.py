@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import cache
 from typing import Any, cast
 
@@ -18,6 +18,7 @@ from sqlalchemy import (
     exists,
     func,
     insert,
+    literal,
     or_,
     select,
     update,
@@ -36,6 +37,10 @@ from app.tokens.models import ApiToken
 from app.tokens.service import ensure_live
 
 IN_FLIGHT_RETRY_AFTER = 2
+# Rate limits count creates per epoch minute, weighed in microseconds: the sliding window's
+# weights are then whole numbers, exact in every database's integers and in Redis's Lua.
+MINUTE_MICROS = 60_000_000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def month_of(moment: datetime) -> str:
@@ -71,19 +76,29 @@ def _admission(*, check_rate_and_in_flight: bool) -> Update:
             ),
         ),
     ]
+    # The row's counts as of this minute, as `rate_counts` reads them. A gateway whose clock is
+    # behind another's counts in the later minute: moving the window back would drop its counts.
+    minute = bindparam("minute", type_=BigInteger())
+    same_minute = tokens.rate_window >= minute
+    current = case((same_minute, tokens.rate_count), else_=0)
+    previous = case((same_minute, tokens.rate_previous_count),
+                    (tokens.rate_window + 1 == minute, tokens.rate_count), else_=0)
     if check_rate_and_in_flight:
+        # `rate_admits` as SQL, in BIGINT on both sides (an INTEGER product overflows on PostgreSQL).
+        weighed = previous * bindparam("rate_weight", type_=BigInteger())
+        room = (tokens.rpm_limit - current) * literal(MINUTE_MICROS, BigInteger())
         conditions += [
             or_(tokens.max_in_flight.is_(None), tokens.in_flight < tokens.max_in_flight),
-            or_(tokens.rpm_limit.is_(None), tokens.rate_window != bindparam("minute"),
-                tokens.rate_count < tokens.rpm_limit),
+            or_(tokens.rpm_limit.is_(None), weighed < room),
         ]
     return update(_TOKENS).where(*conditions).values(
         spent_micros=_SPENT_THIS_WINDOW,
         budget_window=_WINDOW_AFTER,
         reserved_micros=tokens.reserved_micros + estimate,
         in_flight=tokens.in_flight + 1,
-        rate_count=case((tokens.rate_window == bindparam("minute"), tokens.rate_count + 1), else_=1),
-        rate_window=bindparam("minute"),
+        rate_previous_count=previous,
+        rate_count=current + 1,
+        rate_window=case((same_minute, tokens.rate_window), else_=minute),
     )
 
 
@@ -144,8 +159,9 @@ def create_in_one(*, limits_taken: bool, names: tuple[str, ...]) -> Select[int]:
 
 def admission_parameters(*, token_id: str, estimate_micros: int, now: datetime) -> dict[str, Any]:
     """The parameters of the admission update."""
+    minute, weight = rate_clock(now)
     return {"token_id": token_id, "estimate": estimate_micros, "now": now, "month": month_of(now),
-            "minute": int(now.timestamp() // 60)}
+            "minute": minute, "rate_weight": weight}
 
 
 def admit(
@@ -164,9 +180,69 @@ def admit(
     refuse(connection, token_id=token_id, estimate_micros=estimate_micros, now=now, limits_taken=limits_taken)
 
 
-def rate_refusal(rpm_limit: int, now: datetime) -> Throttled:
-    """The 429 for a token that has made its `rpm_limit` creates this minute."""
-    return Throttled(60 - now.second, f"This token may create {rpm_limit} predictions a minute")
+def rate_clock(now: datetime) -> tuple[int, int]:
+    """The epoch minute `now` falls in, and the weight of the minute before it: the microseconds
+    of it that still lie within the 60 seconds up to `now`."""
+    since = now - _EPOCH
+    micros = (since.days * 86_400 + since.seconds) * 1_000_000 + since.microseconds
+    minute, elapsed = divmod(micros, MINUTE_MICROS)
+    return minute, MINUTE_MICROS - elapsed
+
+
+def rate_counts(token: ApiToken, minute: int) -> tuple[int, int]:
+    """The token's creates counted in the minute before `minute` and in `minute`, read from its
+    row as the admission update reads it."""
+    if token.rate_window >= minute:
+        return token.rate_previous_count, token.rate_count
+    if token.rate_window == minute - 1:
+        return token.rate_count, 0
+    return 0, 0
+
+
+# A sliding-window counter, as Cloudflare's: the previous minute's creates are taken as spread
+# evenly over it, so the part of that minute still within the last 60 seconds counts in
+# proportion, and a create is admitted iff previous * (1 - elapsed / 60 s) + current < limit.
+# A fixed window let N creates at 12:00:59 and N more at 12:01:00 through; now the second burst
+# gets one create at once and then one every 60/N seconds.
+# Compared in integers, previous * weight < (limit - current) * MINUTE_MICROS, the comparison is
+# exact. Rounding the weighted count down decides the same (floor(x) + c < n iff x + c < n for
+# whole c and n), so integer arithmetic costs no precision; rounding it up would refuse a client
+# creating evenly at just under the limit, whose estimate lies within 1 below it. Exact, the
+# rule admits nothing beyond what the approximation itself allows, and never refuses a client
+# creating evenly at any rate below N a minute (at exactly N a minute, only in the tie where its
+# creates line up with a minute's first microsecond).
+def rate_admits(rpm_limit: int, *, previous: int, current: int, weight: int) -> bool:
+    """Whether the sliding window admits a create, given the counts of the previous and the
+    current minute and the previous minute's `weight` (`rate_clock`)."""
+    return previous * weight < (rpm_limit - current) * MINUTE_MICROS
+
+
+def rate_wait_micros(rpm_limit: int, *, previous: int, current: int, weight: int) -> int:
+    """Microseconds until `rate_admits` holds if nothing else is admitted meanwhile (0: now).
+
+    The weighted count only falls as time passes (at a minute's end the current count becomes
+    the previous one, at full weight), so any create from then on is admitted too."""
+    elapsed = MINUTE_MICROS - weight
+    if current < rpm_limit:
+        if previous == 0:
+            return 0
+        # The first microsecond e of this minute with previous * (MINUTE - e) < room.
+        admitted_at = MINUTE_MICROS - _ceil_div((rpm_limit - current) * MINUTE_MICROS, previous) + 1
+        return max(0, admitted_at - elapsed)
+    # Not within this minute: in the next one this minute's creates are the previous ones.
+    return weight + MINUTE_MICROS - _ceil_div(rpm_limit * MINUTE_MICROS, current) + 1
+
+
+def _ceil_div(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
+
+
+def rate_refusal(rpm_limit: int, now: datetime, *, previous: int, current: int) -> Throttled:
+    """The 429 for a token the sliding window refuses, with `previous` and `current` the counts
+    that refused it; Retry-After is the whole seconds until a create would be admitted."""
+    _, weight = rate_clock(now)
+    wait = rate_wait_micros(rpm_limit, previous=previous, current=current, weight=weight)
+    return Throttled(_ceil_div(wait, 1_000_000), f"This token may create {rpm_limit} predictions a minute")
 
 
 def in_flight_refusal(max_in_flight: int) -> Throttled:
@@ -181,11 +257,13 @@ def refuse(
 ) -> None:
     """Raise the refusal (401, 402 or 429) for a create the admission update did not admit."""
     token = ensure_live(entity_by_key(connection, ApiToken, token_id))
-    minute = int(now.timestamp() // 60)
     # With slots taken in Redis the database did not check them: only the budget can refuse.
     if not limits_taken:
-        if token.rpm_limit is not None and token.rate_window == minute and token.rate_count >= token.rpm_limit:
-            raise rate_refusal(token.rpm_limit, now)
+        minute, weight = rate_clock(now)
+        previous, current = rate_counts(token, minute)
+        if token.rpm_limit is not None and not rate_admits(
+                token.rpm_limit, previous=previous, current=current, weight=weight):
+            raise rate_refusal(token.rpm_limit, now, previous=previous, current=current)
         if token.max_in_flight is not None and token.in_flight >= token.max_in_flight:
             raise in_flight_refusal(token.max_in_flight)
     budget = token.budget_micros or 0

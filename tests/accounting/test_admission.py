@@ -87,4 +87,4 @@ def test_the_one_statement_create_sets_only_the_admission_columns_of_the_token()
         assert match is not None, sql
         assigned = set(re.findall(r"(?:^|, )(\w+)=", match[1]))
         assert assigned == {"spent_micros", "budget_window", "reserved_micros", "in_flight", "rate_count",
-                            "rate_window"}, assigned
+                            "rate_previous_count", "rate_window"}, assigned
