@@ -1,8 +1,8 @@
 """A token's creates in the minute before its rate window, for the sliding-window rate limit.
 
 Revision ID: df21c9d16b54
-Revises: 5d2a8c6f1b37
-Create Date: 2026-12-07 15:41:00.000000
+Revises: 8c41f0a9d2e6
+Create Date: 2026-12-07 16:10:00.000000
 """
 
 from collections.abc import Sequence
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = 'df21c9d16b54'
-down_revision: str | None = '5d2a8c6f1b37'
+down_revision: str | None = '8c41f0a9d2e6'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
