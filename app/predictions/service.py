@@ -68,6 +68,10 @@ POLL_REFRESH_SECONDS = 5.0
 # cancel): the prediction is answered as it stands, as Replicate answers a cancel it cannot do.
 _CANCEL_UNSUPPORTED = frozenset({404, 405, 501})
 IN_DOUBT_MARGIN_SECONDS = 5.0
+# What an upstream declared `rejects_with_5xx` answers itself. Not 502, 504 or Cloudflare's
+# 52x: a proxy in front of it answers those, also after the upstream has accepted the create
+# (a 504 when the create outlives the proxy's time-out), so another upstream would run it twice.
+_REFUSED_BEFORE_ACCEPTING = frozenset({500, 501, 503})
 _DATA_URI = re.compile(r"^data:([^;,]{0,100})(;[^,]{0,200})?,", re.IGNORECASE)
 # A table-level insert: the ORM's flush (unit of work, identity map) cost a fifth of a create.
 _INSERT = Prepared(insert(PREDICTIONS))
@@ -116,12 +120,14 @@ def reduce_data_uris(value: Any) -> Any:
 
 def _may_fail_over(upstream: Upstream, failure: UpstreamFailure) -> bool:
     """Whether a failed create may go to the next upstream: only when nothing can have been
-    created here (never sent, throttled, our key refused), or a 5xx from an upstream declared
-    to answer 5xx only before accepting. A caller's own mistake (4xx) is answered as it is."""
+    created here (never sent, throttled, our key refused or out of credit), or a 500, 501 or 503
+    from an upstream declared to answer them only before accepting. A caller's own mistake (4xx)
+    is answered as it is."""
     status = failure.error.status
     if not failure.maybe_sent:
         return not (400 <= status < 500) or status in (401, 403, 429)
-    return upstream.config.rejects_with_5xx and isinstance(failure.error, UpstreamStatus) and status >= 500
+    return (upstream.config.rejects_with_5xx and isinstance(failure.error, UpstreamStatus)
+            and status in _REFUSED_BEFORE_ACCEPTING)
 
 
 def _unchanged(row: Prediction, reply: UpstreamPrediction) -> bool:

@@ -41,7 +41,7 @@ READ_RETRY_PAUSE = 0.1
 _LEAST_RETRY_SECONDS = 0.25
 _TRANSIENT_STATUSES = frozenset({502, 503, 504})
 _URL_PATTERN = re.compile(r"\b(?:https?|wss?)://[^\s\"'<>]+", re.IGNORECASE)
-_STATUS_TITLES = {400: "Bad Request", 402: "Payment Required", 404: "Not found", 409: "Conflict",
+_STATUS_TITLES = {400: "Bad Request", 404: "Not found", 409: "Conflict",
                   413: "Request Entity Too Large", 422: "Input validation failed"}
 _STATUS_DETAILS = {
     400: "The upstream service rejected the request as invalid",
@@ -396,6 +396,10 @@ class UpstreamClient:
                 UpstreamInvalid("The upstream service rejected the gateway's credentials"),
                 maybe_sent=False,
             )
+        if status == 402:
+            # The gateway's own account there is out of credit: nothing was created, another
+            # upstream may serve it, and the caller's 402 means its own team's budget.
+            raise UpstreamFailure(UpstreamInvalid(_STATUS_DETAILS[402]), maybe_sent=False)
         if 300 <= status < 400 or status < 200:
             raise UpstreamFailure(UpstreamInvalid(), maybe_sent=True)
         title, detail, extra = self._scrubbed_problem(body, status)

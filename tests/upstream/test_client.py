@@ -359,8 +359,6 @@ class TestErrorMapping:
             pytest.param(httpx.Response(400, json=["a"]), [], id="400-json-array"),
             pytest.param(_problem(400, title="Relay says no", detail="Account 1234 is suspended"),
                          ["Relay", "Account", "1234"], id="400-problem"),
-            pytest.param(_problem(402, title="Billing", detail="acme-relay-account has $0.00"),
-                         ["Billing", "acme", "$"], id="402-problem"),
             pytest.param(_problem(409, title="Exists", detail="already exists on shard 7"),
                          ["Exists", "shard"], id="409-problem"),
             pytest.param(_problem(422, title=5, detail=None), [], id="422-non-text-fields"),
@@ -384,6 +382,15 @@ class TestErrorMapping:
         for word in upstream_words:
             assert word not in error.title
             assert word not in error.detail
+
+    async def test_an_upstream_out_of_credit_is_the_gateways_problem_not_the_callers_budget(self) -> None:
+        failure = await failure_of(Recorder(_problem(402, title="Billing", detail="acme-relay-account has $0.00")))
+        # 402 is the caller's own budget; nothing was created upstream, so another may serve it.
+        assert failure.error.status == 502
+        assert failure.maybe_sent is False
+        assert "credit" in failure.error.detail
+        for word in ("Billing", "acme", "$"):
+            assert word not in failure.error.title + failure.error.detail
 
     async def test_redirect_is_not_followed(self) -> None:
         recorder = Recorder(

@@ -91,14 +91,42 @@ def test_no_failover_when_the_create_may_exist_or_the_caller_erred(
     assert second.calls == []
 
 
+@pytest.mark.parametrize("status", [500, 501, 503])
 def test_a_5xx_fails_over_when_the_upstream_is_declared_to_answer_it_before_accepting(
-    gateway_factory: Any, relay: FakeRelay, second: FakeRelay
+    gateway_factory: Any, relay: FakeRelay, second: FakeRelay, status: int
 ) -> None:
     _, api = start(gateway_factory, relay, second, rejects_with_5xx=True)
     with api:
-        relay.fail_next("status", status=503, method="POST")
+        relay.fail_next("status", status=status, method="POST")
         assert create(api).status_code == 201
     assert len(second.creates()) == 1
+
+
+# A proxy in front of the upstream answers these, also once the upstream has accepted the create.
+@pytest.mark.parametrize("status", [502, 504, 520, 524])
+def test_a_proxys_5xx_never_fails_over_even_when_5xx_are_declared_refusals(
+    gateway_factory: Any, relay: FakeRelay, second: FakeRelay, status: int
+) -> None:
+    _, api = start(gateway_factory, relay, second, rejects_with_5xx=True)
+    with api:
+        relay.fail_next("status", status=status, method="POST")
+        assert_problem(create(api), status)
+    assert second.calls == []
+
+
+def test_an_upstream_out_of_credit_fails_over(gateway_factory: Any, relay: FakeRelay, second: FakeRelay) -> None:
+    _, api = start(gateway_factory, relay, second)
+    with api:
+        relay.fail_next("status", status=402, method="POST")
+        assert create(api).status_code == 201
+    assert len(second.creates()) == 1
+
+
+def test_an_upstream_out_of_credit_alone_is_a_502_not_the_callers_402(gateway: Gateway, api: Any,
+                                                                     relay: FakeRelay) -> None:
+    relay.fail_next("status", status=402, method="POST")
+    problem = assert_problem(create(api), 502)
+    assert "credit" in problem["detail"]
 
 
 def test_a_timeout_never_fails_over(gateway_factory: Any, relay: FakeRelay, second: FakeRelay) -> None:
