@@ -67,8 +67,8 @@ class UpstreamConfig(BaseModel):
     request_timeout: float | None = Field(default=None, gt=0)
     model_map: dict[str, str] = Field(default_factory=dict)  # our owner/name -> theirs
     bill_failures: bool = False
-    # Declared when this upstream answers 5xx to a create only before accepting it, so a 5xx
-    # there is safe to fail over from.
+    # Declared when this upstream answers 500, 501 or 503 to a create only before accepting it,
+    # so those are safe to fail over from (a proxy's 502, 504 or 52x never are).
     rejects_with_5xx: bool = False
 
     @field_validator("url")
