@@ -121,6 +121,8 @@ class Settings(BaseSettings):
     stream_poll_interval: float = Field(default=0.5, gt=0)
     stream_keepalive_interval: float = Field(default=15.0, gt=0, lt=30)
     allow_private_webhooks: bool = False
+    # Webhook bodies are signed but not encrypted: plain http only when a deployment asks for it.
+    allow_http_webhooks: bool = False
     upstream_webhook_secret: SecretStr | None = None
     webhook_interval: float = Field(default=0.5, gt=0)  # seconds between webhook delivery passes
     durable_outputs: list[str] = Field(default_factory=list)  # owner/name globs to archive

@@ -134,6 +134,8 @@ async def _create(
     wait = wait_seconds(request.headers.get("prefer"))
     # Python's client times out at N + 0.5 s: answer inside N s, whatever the upstream does.
     deadline = loop.time() + wait - SYNC_MARGIN_SECONDS if wait else None
+    if not state.settings.allow_http_webhooks:
+        _require_https_webhooks(body)
     cancel_after = request.headers.get("cancel-after")
     if cancel_after is not None and not valid_cancel_after(cancel_after):
         raise ValidationFailed([{"type": "format", "field": "Cancel-After",
@@ -182,6 +184,14 @@ async def _create(
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return response
+
+
+def _require_https_webhooks(body: PredictionCreate) -> None:
+    for field in ("webhook", "webhook_completed"):
+        url = getattr(body, field)
+        if url is not None and url[:5].lower() == "http:":
+            raise ValidationFailed([{"type": "format", "field": field,
+                                     "description": "must be an https URL (this gateway does not send webhooks over http)"}])
 
 
 async def _created_within(

@@ -210,6 +210,9 @@ class Deliverer:
         return Outcome(DeliveryStatus.PENDING, last_status, error, delay)
 
     async def _attempt(self, claim: Claim) -> Outcome:
+        if not self._settings.allow_http_webhooks and claim.url[:5].lower() == "http:":
+            # Accepted while http was allowed; it no longer is.
+            return Outcome(DeliveryStatus.DEAD, None, REFUSED)
         try:
             destination = await guard.resolve(
                 claim.url, allow_private=self._settings.allow_private_webhooks, resolver=self._resolver

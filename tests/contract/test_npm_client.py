@@ -101,7 +101,7 @@ def test_a_buffer_input_is_uploaded_and_reaches_the_upstream_as_its_bytes(
 def test_a_delivered_webhook_validates_with_the_team_secret(
     npm_client: Path, gateway_factory: Any, tmp_path: Path
 ) -> None:
-    gateway: Gateway = gateway_factory(allow_private_webhooks=True, webhook_interval=0.1, reconcile_interval=0.2)
+    gateway: Gateway = gateway_factory(allow_private_webhooks=True, allow_http_webhooks=True, webhook_interval=0.1, reconcile_interval=0.2)
     token = create_token(gateway.db_url, "hooks")
     receiver = Receiver().start()
     try:

@@ -26,7 +26,7 @@ MODEL = "budget/model"
 
 def _gateway(db_url: str, relay: FakeRelay, workdir: Path, **settings: str) -> GatewayProcess:
     return GatewayProcess(db_url=db_url, upstream_url=relay.upstream_url, upstream_token=relay.key,
-                          workdir=workdir, allow_private_webhooks="true", webhook_interval="0.2",
+                          workdir=workdir, allow_private_webhooks="true", allow_http_webhooks="true", webhook_interval="0.2",
                           **settings).start()
 
 

@@ -32,7 +32,7 @@ def other_receiver() -> Iterator[Receiver]:
 @pytest.fixture
 def hooks_gateway(gateway_factory: Any) -> Gateway:
     """A gateway that may deliver to 127.0.0.1 and sends its outbox every 0.1 s."""
-    gw: Gateway = gateway_factory(allow_private_webhooks=True, webhook_interval=0.1, reconcile_interval=0.2)
+    gw: Gateway = gateway_factory(allow_private_webhooks=True, allow_http_webhooks=True, webhook_interval=0.1, reconcile_interval=0.2)
     return gw
 
 

@@ -21,7 +21,7 @@ from app.webhooks.delivery import Deliverer
 from app.webhooks.models import WebhookDelivery
 from app.webhooks.signing import team_secret
 from tests.conftest import Gateway, make_settings
-from tests.dbtools import create_token, dump_database, execute, run
+from tests.dbtools import create_token, dump_database, execute, rows, run
 from tests.fakes.receiver import Received, Receiver
 from tests.helpers import assert_problem, wait_terminal
 from tests.invariants import check_deliveries
@@ -177,7 +177,7 @@ def test_429_is_retried_after_its_retry_after(
 def test_410_ends_the_delivery_and_admins_see_it_without_the_url(
     gateway_factory: Any, receiver: Receiver
 ) -> None:
-    gateway: Gateway = gateway_factory(allow_private_webhooks=True, webhook_interval=0.1,
+    gateway: Gateway = gateway_factory(allow_private_webhooks=True, allow_http_webhooks=True, webhook_interval=0.1,
                                        admin_token="admin-canary-0123456789")
     receiver.answer(410)
     with gateway.client(create_token(gateway.db_url, "gone")) as api:
@@ -236,7 +236,7 @@ def test_intermediate_events_are_sent_once_and_only_the_terminal_one_is_retried(
 def test_a_private_destination_is_refused_when_not_allowed(
     gateway_factory: Any, receiver: Receiver
 ) -> None:
-    gateway: Gateway = gateway_factory(webhook_interval=0.1)
+    gateway: Gateway = gateway_factory(webhook_interval=0.1, allow_http_webhooks=True)
     assert gateway.settings.allow_private_webhooks is False
     with gateway.client(create_token(gateway.db_url, "ssrf")) as api:
         # `webhook_completed` meets the same check as `webhook`.
@@ -251,6 +251,41 @@ def test_a_private_destination_is_refused_when_not_allowed(
     time.sleep(0.3)
     assert receiver.requests == []  # not one connection reached the listener
     check_deliveries(gateway.db_url, final=True)
+
+
+@pytest.mark.parametrize("field", ["webhook", "webhook_completed"])
+def test_http_webhooks_are_refused_unless_allowed(gateway_factory: Any, field: str) -> None:
+    gateway: Gateway = gateway_factory()
+    assert gateway.settings.allow_http_webhooks is False
+    with gateway.client(create_token(gateway.db_url, "plain")) as api:
+        body = {"input": {"prompt": "p"}, field: "HTTP://hooks.example.com/in"}
+        problem = assert_problem(api.post("/models/black-forest-labs/flux-schnell/predictions", json=body), 422)
+        assert [f["field"] for f in problem["invalid_fields"]] == [field]
+        body[field] = "https://hooks.example.com/in"
+        assert api.post("/models/black-forest-labs/flux-schnell/predictions", json=body).status_code == 201
+    # Alone, webhook_completed is kept as the webhook of the completed event.
+    assert rows(gateway.db_url, "prediction")[0]["webhook"] == "https://hooks.example.com/in"
+
+
+def test_an_http_webhook_kept_from_before_is_not_sent_once_http_is_off(db_url: str, receiver: Receiver) -> None:
+    ledger = Ledger(db_url)
+    pid = ledger.prediction(status="succeeded", webhook=receiver.url())
+    ledger.change(pid, previous_status="processing")
+    settings = make_settings(db_url, "http://127.0.0.1:1", None, allow_private_webhooks=True)
+
+    async def scenario() -> None:
+        engine = make_engine(db_url)
+        deliverer = Deliverer(sessions=make_sessionmaker(engine), settings=settings, key=KEY)
+        try:
+            assert await deliverer.run_once() == 1
+        finally:
+            await deliverer.aclose()
+            await engine.dispose()
+
+    run(scenario())
+    (row,) = deliveries(db_url, pid)
+    assert (row["status"], row["last_error"]) == ("dead", "destination not allowed")
+    assert receiver.requests == []
 
 
 # ---- webhook_completed beside a webhook: a second receiver of the completed event ----
@@ -385,7 +420,7 @@ def test_a_failing_receiver_gets_the_terminal_event_on_the_published_schedule_th
     ledger.change(pid, previous_status="processing")
     resolver = stub_resolver()
     clock = Clock(NOW)
-    settings = make_settings(db_url, "http://127.0.0.1:1", None, allow_private_webhooks=True)
+    settings = make_settings(db_url, "http://127.0.0.1:1", None, allow_private_webhooks=True, allow_http_webhooks=True)
 
     async def scenario() -> list[float]:
         engine = make_engine(db_url)
@@ -449,7 +484,7 @@ def test_a_delivery_sent_but_not_marked_is_resent_with_the_same_id_after_its_lea
     ledger = Ledger(db_url)
     pid = ledger.prediction(status="succeeded", webhook=receiver.url())
     ledger.change(pid, previous_status="processing")
-    settings = make_settings(db_url, "http://127.0.0.1:1", None, allow_private_webhooks=True)
+    settings = make_settings(db_url, "http://127.0.0.1:1", None, allow_private_webhooks=True, allow_http_webhooks=True)
     clock = Clock(NOW)
 
     async def scenario() -> None:
@@ -484,7 +519,7 @@ def test_two_deliverers_share_one_queue_without_sending_twice(db_url: str, recei
     for _ in range(30):
         pid = ledger.prediction(status="succeeded", webhook=receiver.url())
         ledger.change(pid, previous_status="processing", now=now)
-    settings = make_settings(db_url, "http://127.0.0.1:1", None, allow_private_webhooks=True)
+    settings = make_settings(db_url, "http://127.0.0.1:1", None, allow_private_webhooks=True, allow_http_webhooks=True)
 
     async def scenario() -> None:
         engines = [make_engine(db_url), make_engine(db_url)]

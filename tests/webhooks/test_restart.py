@@ -17,7 +17,7 @@ from tests.webhooks.support import create_with_webhook, wait_delivery
 
 def _gateway(db_url: str, relay: FakeRelay, workdir: Path) -> GatewayProcess:
     return GatewayProcess(db_url=db_url, upstream_url=relay.upstream_url, upstream_token=relay.key,
-                          workdir=workdir, allow_private_webhooks="true", webhook_interval="0.2").start()
+                          workdir=workdir, allow_private_webhooks="true", allow_http_webhooks="true", webhook_interval="0.2").start()
 
 
 def _create(gateway: GatewayProcess, secret: str, url: str) -> tuple[str, str]:
