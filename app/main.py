@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from app import __version__
-from app.accounting import limits
+from app.accounting import limits, pricing
 from app.admin.router import router as admin_router
 from app.config import Settings
 from app.dashboard.router import router as dashboard_router
@@ -146,6 +146,11 @@ def create_app(
                 raise SchemaOutOfDate(
                     "The database schema is not current; run `replicate-gateway migrate` first"
                 )
+            for rule in pricing.unestimated(settings.prices):
+                log.warning("prices.default_estimate_reserved", extra={
+                    "model": rule.model, "default_estimate_usd": str(settings.default_estimate),
+                    "detail": "per-second or per-token price with no estimate: each create reserves its "
+                              "fixed parts plus GATEWAY_DEFAULT_ESTIMATE"})
             sessions = make_sessionmaker(engine)
             read_sessions = make_read_sessionmaker(engine)
             hot_reads = HotReads(engine, read_sessions)

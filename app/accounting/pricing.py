@@ -14,6 +14,9 @@ from app.config import PriceRule
 MICROS_PER_USD = Decimal(1_000_000)
 ONE_PPM = 1_000_000  # a price multiplier of 1.0, in parts per million
 BILLED_STATUSES = frozenset({"succeeded"})
+# The most outputs an estimate holds, whatever `num_outputs` says: an absurd count must not
+# overflow the ledger's columns, and a model giving more overruns by the difference only.
+MAX_ESTIMATED_OUTPUTS = 16
 
 
 @dataclass(frozen=True)
@@ -67,14 +70,43 @@ def usd_text(micros: int) -> str:
     return f"{sign}{whole}.{frac:06d}"
 
 
-def estimate_of(rule: PriceRule | None, default: Decimal, ppm: int = ONE_PPM) -> int:
-    """Micro-dollars to reserve: the rule's `estimate`, else its fixed parts (one output), times
-    the multiplier `ppm`."""
+def metered(rule: PriceRule) -> bool:
+    """Whether part of the rule's price is known only after the run (predict_time or tokens)."""
+    return rule.per_second is not None or rule.per_input_token is not None or rule.per_output_token is not None
+
+
+def unestimated(prices: Sequence[PriceRule]) -> list[PriceRule]:
+    """The metered rules with no `estimate`, for which the default estimate is reserved."""
+    return [rule for rule in prices if rule.estimate is None and metered(rule)]
+
+
+def requested_outputs(prediction_input: Any) -> int:
+    """The outputs a create asks for: an integer `num_outputs` clamped to 1..16, else 1."""
+    if isinstance(prediction_input, dict):
+        count = prediction_input.get("num_outputs")
+        if isinstance(count, int) and not isinstance(count, bool):
+            return min(max(count, 1), MAX_ESTIMATED_OUTPUTS)
+    return 1
+
+
+def estimate_of(
+    rule: PriceRule | None, default: Decimal, ppm: int = ONE_PPM, *, prediction_input: Any = None
+) -> int:
+    """Micro-dollars to reserve, times the multiplier `ppm`: the rule's `estimate`, else its fixed
+    parts (one `per_output` per requested output) plus `default` when it is metered; `default`
+    when no rule matched."""
     if rule is None:
         return to_micros(default, ppm)
     if rule.estimate is not None:
         return to_micros(rule.estimate, ppm)
-    return to_micros((rule.per_prediction or Decimal(0)) + (rule.per_output or Decimal(0)), ppm)
+    usd = rule.per_prediction or Decimal(0)
+    if rule.per_output is not None:
+        usd += rule.per_output * requested_outputs(prediction_input)
+    if metered(rule):
+        # Reserving only the fixed parts would hold nothing for what the run adds, and a burst of
+        # creates would all fit a budget not yet spent (P3).
+        usd += default
+    return to_micros(usd, ppm)
 
 
 def cost_of(

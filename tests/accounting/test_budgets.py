@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
+from decimal import Decimal
+from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import Gateway
+from app.config import PriceRule, Settings
+from tests.conftest import TEST_PRICES, Gateway
 from tests.dbtools import create_token, execute, rows, token_row
 from tests.fakes.relay import FakeRelay
 from tests.helpers import assert_problem, burst, create, wait_terminal
@@ -123,3 +127,63 @@ class TestLimits:
             assert refused.headers["retry-after"].isdigit()
             wait_terminal(api, first)
             assert create(api).status_code == 201
+
+
+# Metered by predict_time alone, with no `estimate`: $0.004 a second of predict_time.
+METERED = PriceRule(model="metered/*", per_second=Decimal("0.004"))
+
+
+class TestVariablePrices:
+    @pytest.mark.parametrize(("predict_time", "actual"), [(2.5, 10_000), (1.0, 4_000)])
+    def test_a_burst_of_metered_creates_reserves_the_default_estimate_each(
+        self, gateway_factory: Any, relay: FakeRelay, predict_time: float, actual: int
+    ) -> None:
+        # With the fixed parts alone (none here) reserved, every create of the burst would fit.
+        default = Settings.model_fields["default_estimate"].default
+        gateway = gateway_factory(prices=[METERED, *TEST_PRICES], default_estimate=default)
+        estimate, budget = 10_000, 50_000  # the default estimate, $0.01; five of them
+        relay.starting_seconds, relay.predict_time = 1.0, predict_time  # all in flight together
+        secret = create_token(gateway.db_url, "metered", budget_micros=budget)
+        responses = burst(gateway, secret, 30, model="metered/model")
+        assert Counter(r.status_code for r in responses) == {201: 5, 402: 25}
+        assert len(relay.creates()) == 5
+        row = token_row(gateway.db_url, "metered")
+        assert (row["reserved_micros"], row["spent_micros"]) == (5 * estimate, 0)
+        with gateway.client(secret) as api:
+            for response in responses:
+                if response.status_code == 201:
+                    wait_terminal(api, response.json()["id"])
+        row = token_row(gateway.db_url, "metered")
+        # I3: the cap holds up to one prediction's actual-minus-estimate.
+        assert (row["reserved_micros"], row["spent_micros"]) == (0, 5 * actual)
+        assert row["spent_micros"] <= budget + max(0, actual - estimate)
+        check_ledger(gateway.db_url)
+
+    def test_per_output_reserves_the_requested_number_of_outputs(
+        self, gateway: Gateway, relay: FakeRelay
+    ) -> None:
+        secret = create_token(gateway.db_url, "images", budget_micros=50_000)
+        relay.starting_seconds = 1.0
+        with gateway.client(secret) as api:
+            four = create(api, "someone/multi", num_outputs=4)  # $0.01 an output
+            assert four.status_code == 201, four.text
+            assert token_row(gateway.db_url, "images")["reserved_micros"] == 40_000
+            # Four more outputs do not fit beside the first four; one does.
+            assert_problem(create(api, "someone/multi", num_outputs=4), 402)
+            one = create(api, "someone/multi")
+            assert one.status_code == 201, one.text
+            for response in (four, one):
+                wait_terminal(api, response.json()["id"])
+        reserved = {e["prediction_id"]: e["amount_micros"] for e in rows(gateway.db_url, "ledger_entry")
+                    if e["kind"] == "reservation"}
+        assert reserved == {four.json()["id"]: 40_000, one.json()["id"]: 10_000}
+        assert token_row(gateway.db_url, "images")["spent_micros"] == 50_000
+        check_ledger(gateway.db_url)
+
+    def test_start_up_warns_of_each_metered_price_without_an_estimate(
+        self, gateway_factory: Any, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        gateway_factory()
+        warned = [r for r in caplog.records if r.getMessage() == "prices.default_estimate_reserved"]
+        assert sorted(r.model for r in warned) == ["black-forest-labs/*", "llm/*"]  # type: ignore[attr-defined]
+        assert {r.levelno for r in warned} == {logging.WARNING}

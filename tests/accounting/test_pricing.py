@@ -7,7 +7,16 @@ from typing import Any
 
 import pytest
 
-from app.accounting.pricing import Cost, cost_of, find_rule, output_count, to_micros, usd_text
+from app.accounting.pricing import (
+    Cost,
+    cost_of,
+    estimate_of,
+    find_rule,
+    output_count,
+    to_micros,
+    unestimated,
+    usd_text,
+)
 from app.config import PriceRule
 
 D = Decimal
@@ -252,3 +261,50 @@ class TestMissingMetrics:
         cost = cost_of(rule(per_second="0.0012"), status="succeeded", output=None,
                        metrics={"predict_time": 1})
         assert cost.note is None
+
+
+class TestEstimate:
+    DEFAULT = D("0.01")
+
+    @pytest.mark.parametrize(
+        ("prices", "prediction_input", "expected"),
+        [
+            pytest.param({"estimate": "0.05", "per_second": "0.001", "per_output": "0.01"}, {"num_outputs": 4},
+                         50_000, id="explicit-estimate-wins-as-written"),
+            pytest.param({"estimate": "0"}, None, 0, id="explicit-zero-estimate"),
+            pytest.param({}, None, 0, id="rule-without-prices-is-free"),
+            pytest.param({"per_prediction": "0.003"}, None, 3_000, id="per-prediction"),
+            pytest.param({"per_output": "0.003"}, None, 3_000, id="per-output-one-by-default"),
+            pytest.param({"per_output": "0.003"}, {"num_outputs": 4}, 12_000, id="per-output-num-outputs"),
+            pytest.param({"per_output": "0.003"}, {"num_outputs": 0}, 3_000, id="num-outputs-at-least-one"),
+            pytest.param({"per_output": "0.003"}, {"num_outputs": -2}, 3_000, id="negative-num-outputs"),
+            pytest.param({"per_output": "0.003"}, {"num_outputs": 1000}, 48_000, id="num-outputs-at-most-16"),
+            pytest.param({"per_output": "0.003"}, {"num_outputs": True}, 3_000, id="bool-ignored"),
+            pytest.param({"per_output": "0.003"}, {"num_outputs": 4.0}, 3_000, id="float-ignored"),
+            pytest.param({"per_output": "0.003"}, {"num_outputs": "4"}, 3_000, id="text-ignored"),
+            pytest.param({"per_output": "0.003"}, ["num_outputs"], 3_000, id="input-not-an-object"),
+            pytest.param({"per_prediction": "0.001", "per_output": "0.003"}, {"num_outputs": 2}, 7_000,
+                         id="per-prediction-plus-outputs"),
+            pytest.param({"per_second": "0.0012"}, None, 10_000, id="per-second-reserves-the-default"),
+            pytest.param({"per_input_token": "0.000001"}, None, 10_000, id="per-input-token"),
+            pytest.param({"per_output_token": "0.000002"}, None, 10_000, id="per-output-token"),
+            pytest.param({"per_prediction": "0.003", "per_second": "0.0012"}, None, 13_000,
+                         id="fixed-parts-plus-the-default"),
+            pytest.param({"per_output": "0.003", "per_second": "0.0012"}, {"num_outputs": 3}, 19_000,
+                         id="outputs-plus-the-default"),
+        ],
+    )
+    def test_each_rule_kind(self, prices: dict[str, str], prediction_input: Any, expected: int) -> None:
+        assert estimate_of(rule(**prices), self.DEFAULT, prediction_input=prediction_input) == expected
+
+    def test_no_rule_reserves_the_default(self) -> None:
+        assert estimate_of(None, self.DEFAULT, prediction_input={"num_outputs": 4}) == 10_000
+
+    def test_the_multiplier_applies_to_the_whole_estimate(self) -> None:
+        metered = rule(per_output="0.003", per_second="0.0012")
+        assert estimate_of(metered, self.DEFAULT, 1_500_000, prediction_input={"num_outputs": 2}) == 24_000
+
+    def test_metered_prices_without_an_estimate_are_listed(self) -> None:
+        prices = [rule(per_second="0.001"), PriceRule(model="a/*", per_input_token=D("0.1")),
+                  rule(per_second="0.001", estimate="0.01"), rule(per_output="0.003"), rule(per_prediction="1")]
+        assert unestimated(prices) == prices[:2]

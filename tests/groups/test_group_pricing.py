@@ -63,6 +63,7 @@ class TestArithmetic:
     def test_estimates_and_costs_take_the_multiplier(self) -> None:
         rule = PriceRule(model="a/b", per_prediction=D("0.003"), per_second=D("0.0012"))
         assert estimate_of(rule, D(0), 1_500_000) == 4_500
+        assert estimate_of(rule, D("0.002"), 1_500_000) == 7_500
         assert estimate_of(None, D("0.002"), 1_500_000) == 3_000
         cost = cost_of(rule, status="succeeded", output=["x"], metrics={"predict_time": 2.5}, ppm=1_500_000)
         assert cost.micros == 9_000
@@ -96,8 +97,9 @@ def test_a_multiplier_applies_to_the_reservation_and_the_charge_exactly(
         # (reserved, charged): the estimate and the cost, each times 1.5 and rounded half up once.
         expected = {
             held: (15_000, 15_000),  # $0.01
-            create(api, "llm/echo", text="one two three").json()["id"]: (0, 14),  # $0.000009 -> 13.5 -> 14
-            create(api).json()["id"]: (4_500, 9_000),  # $0.003 held; $0.003 + 2.5 s x $0.0012 charged
+            # Metered prices hold their fixed parts plus the default estimate, $0.002.
+            create(api, "llm/echo", text="one two three").json()["id"]: (3_000, 14),  # $0.000009 -> 13.5 -> 14
+            create(api).json()["id"]: (7_500, 9_000),  # $0.005 held; $0.003 + 2.5 s x $0.0012 charged
             create(api, "unpriced/model").json()["id"]: (3_000, 3_000),  # no price: the estimate, $0.002
         }
         ids = list(expected)
