@@ -110,10 +110,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1024 * 1024, gt=0)
     max_upstream_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     log_level: str = "INFO"
-    # USD reserved for what cannot be priced in advance: a model with no price entry (and charged,
-    # flagged, for it), or on top of the fixed parts of a per-second or per-token price with no
-    # `estimate`. Not 0 by default, so a burst of such creates cannot all fit one budget (P3).
-    default_estimate: Decimal = Field(default=Decimal("0.01"), ge=0)
+    default_estimate: Decimal = Field(default=Decimal(0), ge=0)  # USD held for unpriced models
+    # USD reserved on top of the fixed parts of a per-second or per-token price with no
+    # `estimate`. Not 0, so a burst of such creates cannot all fit one budget (P3).
+    metered_estimate: Decimal = Field(default=Decimal("0.01"), ge=0)
     reconcile_interval: float = Field(default=2.0, gt=0)
     # On SIGTERM: how long requests still in progress may take before they are cut.
     drain_seconds: int = Field(default=70, ge=1)

@@ -147,10 +147,10 @@ def create_app(
                     "The database schema is not current; run `replicate-gateway migrate` first"
                 )
             for rule in pricing.unestimated(settings.prices):
-                log.warning("prices.default_estimate_reserved", extra={
-                    "model": rule.model, "default_estimate_usd": str(settings.default_estimate),
+                log.warning("prices.metered_estimate_reserved", extra={
+                    "model": rule.model, "metered_estimate_usd": str(settings.metered_estimate),
                     "detail": "per-second or per-token price with no estimate: each create reserves its "
-                              "fixed parts plus GATEWAY_DEFAULT_ESTIMATE"})
+                              "fixed parts plus GATEWAY_METERED_ESTIMATE"})
             sessions = make_sessionmaker(engine)
             read_sessions = make_read_sessionmaker(engine)
             hot_reads = HotReads(engine, read_sessions)

@@ -121,6 +121,7 @@ def make_settings(db_url: str, upstream_url: str, upstream_token: str | None, **
         # The suite's amounts assume nothing held beyond the prices; the budget tests of the
         # default estimate set it themselves.
         "default_estimate": Decimal(0),
+        "metered_estimate": Decimal(0),
         "create_timeout": 5.0,
         "request_timeout": 3.0,
         "log_level": "DEBUG",

@@ -76,7 +76,7 @@ def metered(rule: PriceRule) -> bool:
 
 
 def unestimated(prices: Sequence[PriceRule]) -> list[PriceRule]:
-    """The metered rules with no `estimate`, for which the default estimate is reserved."""
+    """The metered rules with no `estimate`, for which the metered estimate is reserved."""
     return [rule for rule in prices if rule.estimate is None and metered(rule)]
 
 
@@ -90,11 +90,12 @@ def requested_outputs(prediction_input: Any) -> int:
 
 
 def estimate_of(
-    rule: PriceRule | None, default: Decimal, ppm: int = ONE_PPM, *, prediction_input: Any = None
+    rule: PriceRule | None, default: Decimal, ppm: int = ONE_PPM, *, prediction_input: Any = None,
+    metered_default: Decimal | None = None,
 ) -> int:
     """Micro-dollars to reserve, times the multiplier `ppm`: the rule's `estimate`, else its fixed
-    parts (one `per_output` per requested output) plus `default` when it is metered; `default`
-    when no rule matched."""
+    parts (one `per_output` per requested output) plus `metered_default` (`default` if not given)
+    when it is metered; `default` when no rule matched."""
     if rule is None:
         return to_micros(default, ppm)
     if rule.estimate is not None:
@@ -105,7 +106,7 @@ def estimate_of(
     if metered(rule):
         # Reserving only the fixed parts would hold nothing for what the run adds, and a burst of
         # creates would all fit a budget not yet spent (P3).
-        usd += default
+        usd += default if metered_default is None else metered_default
     return to_micros(usd, ppm)
 
 

@@ -135,13 +135,13 @@ METERED = PriceRule(model="metered/*", per_second=Decimal("0.004"))
 
 class TestVariablePrices:
     @pytest.mark.parametrize(("predict_time", "actual"), [(2.5, 10_000), (1.0, 4_000)])
-    def test_a_burst_of_metered_creates_reserves_the_default_estimate_each(
+    def test_a_burst_of_metered_creates_reserves_the_metered_estimate_each(
         self, gateway_factory: Any, relay: FakeRelay, predict_time: float, actual: int
     ) -> None:
         # With the fixed parts alone (none here) reserved, every create of the burst would fit.
-        default = Settings.model_fields["default_estimate"].default
-        gateway = gateway_factory(prices=[METERED, *TEST_PRICES], default_estimate=default)
-        estimate, budget = 10_000, 50_000  # the default estimate, $0.01; five of them
+        default = Settings.model_fields["metered_estimate"].default
+        gateway = gateway_factory(prices=[METERED, *TEST_PRICES], metered_estimate=default)
+        estimate, budget = 10_000, 50_000  # the metered estimate, $0.01; five of them
         relay.starting_seconds, relay.predict_time = 1.0, predict_time  # all in flight together
         secret = create_token(gateway.db_url, "metered", budget_micros=budget)
         responses = burst(gateway, secret, 30, model="metered/model")
@@ -184,6 +184,6 @@ class TestVariablePrices:
         self, gateway_factory: Any, caplog: pytest.LogCaptureFixture
     ) -> None:
         gateway_factory()
-        warned = [r for r in caplog.records if r.getMessage() == "prices.default_estimate_reserved"]
+        warned = [r for r in caplog.records if r.getMessage() == "prices.metered_estimate_reserved"]
         assert sorted(r.model for r in warned) == ["black-forest-labs/*", "llm/*"]  # type: ignore[attr-defined]
         assert {r.levelno for r in warned} == {logging.WARNING}

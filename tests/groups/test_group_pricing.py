@@ -82,7 +82,7 @@ def _ledger(gateway: Gateway, kind: str) -> dict[str, int]:
 def test_a_multiplier_applies_to_the_reservation_and_the_charge_exactly(
     gateway_factory: Any, relay: FakeRelay
 ) -> None:
-    gateway, admin = _gateway(gateway_factory, default_estimate=D("0.002"))
+    gateway, admin = _gateway(gateway_factory, default_estimate=D("0.002"), metered_estimate=D("0.002"))
     with admin:
         add_group(admin, "resellers", price_multiplier="1.5")
         member = add_token(admin, "member", group="resellers")
