@@ -7,7 +7,7 @@ import tomllib
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -70,6 +70,10 @@ class UpstreamConfig(BaseModel):
     # Declared when this upstream answers 500, 501 or 503 to a create only before accepting it,
     # so those are safe to fail over from (a proxy's 502, 504 or 52x never are).
     rejects_with_5xx: bool = False
+    # What this upstream calls itself in its answers (e.g. "CometAPI"): hidden, as whole words, from
+    # the model descriptions, errors and logs clients see. Its `name` is not, since a neutral name
+    # ("primary") would mangle ordinary log text.
+    brand_names: list[Annotated[str, Field(min_length=3, max_length=100)]] = Field(default_factory=list)
 
     @field_validator("url")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
@@ -9,11 +10,14 @@ import pytest
 import replicate
 from pydantic import ValidationError
 
-from app.config import Settings
+from app.config import Settings, UpstreamConfig
 from tests.conftest import Gateway
-from tests.dbtools import dump_database
+from tests.dbtools import create_token, dump_database
+from tests.fakes.receiver import Receiver
 from tests.fakes.relay import RELAY_BRAND, FakeRelay
 from tests.helpers import create, free_port, wait_terminal
+
+MODEL = "black-forest-labs/flux-schnell"
 
 
 def test_no_secret_or_upstream_identity_leaks_anywhere(
@@ -57,6 +61,50 @@ def test_no_secret_or_upstream_identity_leaks_anywhere(
     database = dump_database(gateway.db_url)
     for secret in (relay.key, f"127.0.0.1:{relay.port}", token):
         assert secret not in database, secret
+
+
+@pytest.fixture
+def branded(gateway_factory: Any, relay: FakeRelay) -> Gateway:
+    """A gateway told the relay's brand, allowed to deliver webhooks to 127.0.0.1."""
+    upstream = UpstreamConfig(name="default", url=relay.upstream_url, token=relay.key, brand_names=[RELAY_BRAND])
+    gw: Gateway = gateway_factory(upstreams=[upstream], allow_private_webhooks=True, webhook_interval=0.1)
+    return gw
+
+
+def assert_nothing_of_the_relay(relay: FakeRelay, text: str, *also: str) -> None:
+    lowered = text.lower()
+    for secret in (relay.key, f"127.0.0.1:{relay.port}", RELAY_BRAND, "api.replicate.com", *also):
+        assert secret.lower() not in lowered, (secret, text)
+
+
+def test_errors_and_logs_never_name_the_relay_or_its_ids(branded: Gateway, relay: FakeRelay) -> None:
+    relay.names_itself = True
+    receiver = Receiver().start()
+    try:
+        with branded.client(create_token(branded.db_url, "chatty")) as api:
+            created = [api.post(f"/models/{MODEL}/predictions", json={
+                "input": {"prompt": "p", "fail": fail}, "webhook": receiver.url(),
+                "webhook_events_filter": ["logs", "completed"]}).json() for fail in (False, True)]
+            finals = [wait_terminal(api, c["id"]) for c in created]
+            listed = api.get("/predictions")
+            deadline = time.monotonic() + 15
+            while sum(hook.json()["status"] in ("succeeded", "failed") for hook in receiver.requests) < 2:
+                assert time.monotonic() < deadline, receiver.requests
+                time.sleep(0.05)
+            hooks = receiver.requests
+    finally:
+        receiver.stop()
+    upstream_ids = [call.prediction_id or "" for call in relay.creates()]
+    assert all(u in relay.predictions[u]["logs"] for u in upstream_ids)  # the relay did name them
+    ok, failed = finals
+    assert failed["status"] == "failed"
+    assert failed["error"] == f"[upstream] ([upstream]): prediction {failed['id']} failed"
+    assert f"[upstream] worker on [upstream] ran {ok['id']} for [upstream]/v1/predictions/{ok['id']}" in ok["logs"]
+    assert "\nstep 1/3\n" in ok["logs"]
+    texts = [repr(finals), listed.text, *(hook.body.decode() for hook in hooks)]
+    for text in texts:
+        assert_nothing_of_the_relay(relay, text, relay.upstream_url, *upstream_ids)
+    assert_nothing_of_the_relay(relay, dump_database(branded.db_url), relay.upstream_url)
 
 
 REDIS_PASSWORD = "redis-canary-7e3a"

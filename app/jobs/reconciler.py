@@ -22,7 +22,7 @@ from app.predictions.models import TERMINAL_STATUSES, Prediction, Submission
 from app.predictions.service import IN_DOUBT_MARGIN_SECONDS, PredictionService
 from app.upstream.client import UpstreamFailure
 from app.upstream.registry import Registry
-from app.upstream.schemas import InvalidUpstreamPrediction, parse_prediction
+from app.upstream.schemas import InvalidUpstreamPrediction
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ class Reconciler:
             else:
                 data = await upstream.client.get_prediction(claim.upstream_id)
             await self._foreground.give_way()
-            reply = parse_prediction(data)
+            reply = upstream.client.prediction(data, ours=claim.id)
             if reply.id != claim.upstream_id:
                 raise InvalidUpstreamPrediction("mismatched id")
         except UpstreamFailure as failure:

@@ -51,7 +51,7 @@ from app.tokens.models import ApiToken
 from app.tokens.service import may_use_model, new_id
 from app.upstream.client import UpstreamFailure
 from app.upstream.registry import Registry, Upstream
-from app.upstream.schemas import InvalidUpstreamPrediction, UpstreamPrediction, parse_prediction
+from app.upstream.schemas import InvalidUpstreamPrediction, UpstreamPrediction
 from app.webhooks import inbound
 
 log = logging.getLogger(__name__)
@@ -354,7 +354,7 @@ class PredictionService(PredictionRecorder):
                         target.path_for(upstream), forwarded, prefer=prefer, cancel_after=cancel_after,
                         wait_seconds=wait,
                     )
-                    reply = parse_prediction(data)
+                    reply = upstream.client.prediction(data, ours=prediction.id)
                 except UpstreamFailure as failure:
                     _note_health(upstream, failure.error)
                     if _may_fail_over(upstream, failure):
@@ -667,7 +667,8 @@ class PredictionService(PredictionRecorder):
         if row.is_terminal or row.upstream_id is None or upstream is None:
             return row
         try:
-            reply = parse_prediction(await upstream.client.get_prediction(row.upstream_id, within=within))
+            reply = upstream.client.prediction(
+                await upstream.client.get_prediction(row.upstream_id, within=within), ours=row.id)
         except UpstreamFailure as failure:
             # The last known state is still true; a relay blip must not break a client's poll.
             # Under the caller's bound a time-out may be the bound's own doing, which says
@@ -698,7 +699,7 @@ class PredictionService(PredictionRecorder):
         if upstream is None:
             raise UpstreamUnavailable("The upstream that runs this prediction is no longer configured")
         try:
-            reply = parse_prediction(await upstream.client.cancel_prediction(row.upstream_id))
+            reply = upstream.client.prediction(await upstream.client.cancel_prediction(row.upstream_id), ours=row.id)
         except UpstreamFailure as failure:
             if failure.error.status in _CANCEL_UNSUPPORTED:
                 log.warning("prediction.cancel_unsupported",

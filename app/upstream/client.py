@@ -8,8 +8,8 @@ import logging
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import quote
 
@@ -26,6 +26,7 @@ from app.errors import (
 )
 from app.outbound import outbound_client
 from app.upstream import wire
+from app.upstream.schemas import UpstreamPrediction, parse_prediction
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,9 @@ _STATUS_DETAILS = {
     422: "The upstream service rejected the input",
 }
 _KEY_PATTERN = re.compile(r"\b(?:sk|r8|gw|whsec)[-_][A-Za-z0-9_\-]{6,}")
+# An upstream id shorter than this is not replaced in its prediction's text: it could be any word.
+_LEAST_HIDDEN_ID = 8
+HIDDEN = "[upstream]"
 
 
 def _segment(value: str) -> str:
@@ -76,6 +80,23 @@ def _is_seconds(value: str) -> bool:
     return value.isascii() and value.isdigit()
 
 
+def _hiding(base_url: str, token: str | None, brand_names: Sequence[str]) -> tuple[tuple[str, ...], re.Pattern[str]]:
+    """What betrays an upstream in text it wrote (its key, URL, origin, host and brand names), as
+    the fewest lower-case strings whose absence proves there is none, and the pattern replacing them."""
+    url = httpx.URL(base_url)
+    netloc = url.netloc.decode()
+    # Longest first, so a whole URL goes before its host; brands only as whole words.
+    places = sorted({s.lower() for s in (token, base_url, f"{url.scheme}://{netloc}", netloc, url.host) if s},
+                    key=len, reverse=True)
+    brands = sorted({b.lower() for b in brand_names}, key=len, reverse=True)
+    pattern = re.compile("|".join(
+        [re.escape(p) for p in places] + [rf"(?<![A-Za-z0-9]){re.escape(b)}(?![A-Za-z0-9])" for b in brands]
+    ), re.IGNORECASE)
+    # Every URL form holds the host: looking for the host alone is enough, and costs a fifth.
+    every = {*places, *brands}
+    return tuple(p for p in every if not any(q != p and q in p for q in every)), pattern
+
+
 @dataclass(frozen=True)
 class UpstreamFailure(Exception):
     """An upstream call that failed; `error` is what the client sees."""
@@ -99,6 +120,7 @@ class UpstreamClient:
         max_body_bytes: int,
         transport: httpx.AsyncBaseTransport | None = None,
         observer: Observer | None = None,
+        brand_names: Sequence[str] = (),
     ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
@@ -138,7 +160,8 @@ class UpstreamClient:
         with contextlib.suppress(ValueError):
             self._lines = wire.WirePool.header_lines(self._headers)
             self._json_lines = wire.WirePool.header_lines(self._json_headers)
-        self._secrets = [s for s in (token, self.base_url, httpx.URL(self.base_url).host) if s]
+        self._secrets = [s for s in (token, self.base_url, httpx.URL(self.base_url).host, *brand_names) if s]
+        self._hidden, self._hidden_pattern = _hiding(self.base_url, token, brand_names)
 
     async def aclose(self) -> None:
         """Close the pooled connections."""
@@ -448,3 +471,28 @@ class UpstreamClient:
         for secret in self._secrets:
             text = re.sub(re.escape(secret), "[upstream]", text, flags=re.IGNORECASE)
         return text[:2000]
+
+    def hide(self, text: str) -> str:
+        """`text` with this upstream's key, URLs, host and brand names replaced; the very same
+        string when there is none, which costs one lowering and a few substring checks."""
+        lowered = text.lower()
+        if any(part in lowered for part in self._hidden):
+            return self._hidden_pattern.sub(HIDDEN, text)
+        return text
+
+    def prediction(self, data: Any, *, ours: str) -> UpstreamPrediction:
+        """An upstream prediction object validated (InvalidUpstreamPrediction if it is not one),
+        with its upstream id in `error` and `logs` replaced by ours and nothing else of this
+        upstream's left there: these reach clients, webhooks and the ledger as they are."""
+        reply = parse_prediction(data)
+        error, logs = self._own_text(reply.error, reply.id, ours), self._own_text(reply.logs, reply.id, ours)
+        if error is reply.error and logs is reply.logs:
+            return reply
+        return replace(reply, error=error, logs=logs)
+
+    def _own_text(self, text: str | None, upstream_id: str, ours: str) -> str | None:
+        if not text:
+            return text
+        if len(upstream_id) >= _LEAST_HIDDEN_ID and upstream_id in text:
+            text = text.replace(upstream_id, ours)
+        return self.hide(text)

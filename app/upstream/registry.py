@@ -117,6 +117,7 @@ class Registry:
                 name=config.name,
                 base_url=config.url,
                 token=token,
+                brand_names=config.brand_names,
                 connect_timeout=config.connect_timeout or settings.connect_timeout,
                 request_timeout=config.request_timeout or settings.request_timeout,
                 create_timeout=config.create_timeout or settings.create_timeout,

@@ -34,6 +34,8 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "versions": {},
     # Outputs served by the relay itself at stable URLs (downloadable, gone after forget()).
     "outputs_on_relay": False,
+    # Logs and errors that name the relay: its base URL, host, brand and its prediction id.
+    "names_itself": False,
 }
 NOT_FOUND = {"detail": "Not found"}
 DELIVERY = "/delivery"
@@ -109,6 +111,8 @@ class FakeRelay:
     versions_supported: bool
     honour_prefer: bool
     versions: dict[str, str]
+    outputs_on_relay: bool
+    names_itself: bool
 
     def __init__(self, key: str = DEFAULT_KEY, **settings: Any) -> None:
         unknown = set(settings) - set(DEFAULT_SETTINGS)
@@ -245,13 +249,19 @@ class FakeRelay:
         d["started_at"] = _iso(p.created_ns + int(p.starting * 1e9), 9)
         frac = (elapsed - p.starting) / p.processing if p.processing > 0 else 1.0
         d["logs"] = "".join(f"step {i}/3\n" for i in range(1, min(3, int(frac * 3) + 1) + 1))
+        if self.names_itself:
+            d["logs"] = f"fetching from {self.base_url} for {d['id']}\n" + d["logs"]
         if elapsed < p.starting + p.processing:
             return d
         d["completed_at"] = _iso(p.created_ns + int((p.starting + p.processing) * 1e9), 9)
         inp, metrics = d["input"], {"predict_time": p.predict_time}
         text = inp.get("text")
+        if self.names_itself:
+            d["logs"] += (f"{RELAY_BRAND} worker on 127.0.0.1 ran {d['id']} for "
+                          f"{self.upstream_url}/v1/predictions/{d['id']}\n")
         if inp.get("fail") is True:
-            d.update(status="failed", error="something went wrong")
+            d.update(status="failed", error=(f"{self.base_url.upper()} ({RELAY_BRAND.lower()}): prediction {d['id']} failed"
+                                              if self.names_itself else "something went wrong"))
         elif d["model"].split("/")[0] == "llm" and isinstance(text, str):
             words = text.split()
             d.update(status="succeeded", output=words)

@@ -565,3 +565,43 @@ class TestScrub:
         )
         text = client.scrub("x" * 1984 + relay_token)
         assert relay_token[:16] not in text
+
+
+class TestPredictionText:
+    """What of the upstream an upstream prediction's `error` and `logs` may say, and how little is left."""
+
+    OURS = "ourownidentifier0000000000"
+
+    @staticmethod
+    def client() -> UpstreamClient:
+        return UpstreamClient(
+            name="comet", base_url=BASE, token=TOKEN, connect_timeout=1, request_timeout=1, create_timeout=1,
+            max_body_bytes=1000, transport=httpx.MockTransport(Recorder()), brand_names=["CometAPI"],
+        )
+
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            pytest.param("step 1/3\n", "step 1/3\n", id="untouched"),
+            pytest.param(f"see {BASE}/v1/predictions/x", "see [upstream]/v1/predictions/x", id="base-url"),
+            pytest.param("see https://relay.example/other", "see [upstream]/other", id="origin"),
+            pytest.param("on RELAY.example", "on [upstream]", id="host-any-case"),
+            pytest.param(f"key {TOKEN}", "key [upstream]", id="token"),
+            pytest.param("cometapi says no", "[upstream] says no", id="brand-any-case"),
+            pytest.param("CometAPI's queue", "[upstream]'s queue", id="brand-before-punctuation"),
+            pytest.param("CometAPIs and xCometAPI", "CometAPIs and xCometAPI", id="brand-inside-a-word"),
+            pytest.param("comet tails", "comet tails", id="configured-name-is-not-a-brand"),
+            pytest.param(f"{PREDICTION['id']} failed", f"{OURS} failed", id="upstream-id"),
+        ],
+    )
+    def test_error_and_logs(self, text: str, expected: str) -> None:
+        reply = self.client().prediction({**PREDICTION, "error": text, "logs": text}, ours=self.OURS)
+        assert (reply.error, reply.logs) == (expected, expected)
+
+    def test_a_short_upstream_id_is_left_alone(self) -> None:
+        reply = self.client().prediction({**PREDICTION, "id": "a1", "logs": "a1 b2"}, ours=self.OURS)
+        assert reply.logs == "a1 b2"
+
+    def test_an_answer_with_nothing_to_hide_is_kept_as_parsed(self) -> None:
+        reply = self.client().prediction({**PREDICTION, "logs": "step 1/3\n", "output": ["x"]}, ours=self.OURS)
+        assert (reply.id, reply.logs, reply.error, reply.output) == (PREDICTION["id"], "step 1/3\n", None, ["x"])
