@@ -77,6 +77,35 @@ def assert_nothing_of_the_relay(relay: FakeRelay, text: str, *also: str) -> None
         assert secret.lower() not in lowered, (secret, text)
 
 
+class TestModelReads:
+    def test_a_model_has_replicates_fields_only(self, branded: Gateway, relay: FakeRelay) -> None:
+        with branded.client(create_token(branded.db_url, "reader")) as api:
+            response = api.get(f"/models/{MODEL}")
+        model = response.json()
+        assert response.status_code == 200
+        assert set(model) <= {"url", "owner", "name", "description", "visibility", "github_url", "paper_url",
+                              "license_url", "run_count", "cover_image_url", "default_example", "latest_version"}
+        assert model["default_example"] is None  # the relay's own prediction, not one of ours
+        assert model["description"] == f"{MODEL} served by [upstream]"
+        assert_nothing_of_the_relay(relay, response.text)
+
+    def test_versions_have_replicates_fields_only(self, branded: Gateway, relay: FakeRelay) -> None:
+        with branded.client(create_token(branded.db_url, "reader")) as api:
+            first = api.get(f"/models/{MODEL}/versions")
+            second = api.get(first.json()["next"])
+            version_id = first.json()["results"][0]["id"]
+            single = api.get(f"/models/{MODEL}/versions/{version_id}")
+        for page in (first, second):
+            assert set(page.json()) == {"next", "previous", "results"}
+            for version in page.json()["results"]:
+                assert set(version) == {"id", "created_at", "cog_version", "openapi_schema"}
+        assert set(single.json()) == {"id", "created_at", "cog_version", "openapi_schema"}
+        assert single.json()["openapi_schema"]["components"]["schemas"]["Output"]["items"]["format"] == "uri"
+        for response in (first, second, single):
+            assert response.status_code == 200
+            assert_nothing_of_the_relay(relay, response.text)
+
+
 def test_errors_and_logs_never_name_the_relay_or_its_ids(branded: Gateway, relay: FakeRelay) -> None:
     relay.names_itself = True
     receiver = Receiver().start()

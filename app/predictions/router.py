@@ -27,7 +27,7 @@ from app.errors import (
 )
 from app.files.service import resolve_inputs as resolve_file_inputs
 from app.groups import service as groups
-from app.predictions import rewrite, stream
+from app.predictions import catalog, rewrite, stream
 from app.predictions.headers import valid_cancel_after, wait_seconds
 from app.predictions.models import Prediction
 from app.predictions.service import CreateTarget, PredictionService
@@ -326,16 +326,6 @@ async def get_account(caller: CallerDep, state: StateDep) -> Response:
     })
 
 
-def _rebase(value: Any, upstream_base: str, public: str) -> Any:
-    if isinstance(value, dict):
-        return {k: _rebase(v, upstream_base, public) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_rebase(v, upstream_base, public) for v in value]
-    if isinstance(value, str) and upstream_base in value:
-        return value.replace(upstream_base, public)
-    return value
-
-
 def _reader(state: StateDep, caller: CallerDep, model: str) -> tuple[UpstreamClient, str]:
     """The upstream a create of `model` by this caller would go to, and the model's name there:
     the first its group may use whose circuit is not open (the first of them if all are)."""
@@ -382,17 +372,20 @@ async def _forward_read(state: StateDep, caller: CallerDep, public: str, model: 
         data["owner"], data["name"] = model.split("/")
     if isinstance(data, dict):
         await _service(state).versions.learn(model, _version_ids(data, rest))
-    if rest == "/versions" and isinstance(data, dict):
+    clean = catalog.cleaner(client, public)
+    if rest == "/versions":
         pages = f"{public}/v1/models/{model}/versions"
-        data["next"], data["previous"] = _page_link(data.get("next"), pages), _page_link(data.get("previous"), pages)
-    return _json(_rebase(data, client.base_url, public))
+        links = data if isinstance(data, dict) else {}
+        return _json(catalog.versions_page(data, clean, next_link=_page_link(links.get("next"), pages),
+                                           previous_link=_page_link(links.get("previous"), pages)))
+    return _json(catalog.model_object(data, clean))
 
 
 @router.get("/models/{owner}/{name}")
 async def get_model(
     owner: str, name: str, state: StateDep, caller: CallerDep, public: PublicBaseDep
 ) -> Response:
-    """A model, as the upstream describes it."""
+    """A model, as the upstream describes it, in Replicate's fields only."""
     owner, name = _segment(owner, "model"), _segment(name, "model")
     return await _forward_read(state, caller, public, f"{owner}/{name}", "")
 
@@ -401,7 +394,7 @@ async def get_model(
 async def list_model_versions(
     owner: str, name: str, request: Request, state: StateDep, caller: CallerDep, public: PublicBaseDep
 ) -> Response:
-    """A model's versions, as the upstream lists them, a page at a time (`cursor`)."""
+    """A model's versions, as the upstream lists them (Replicate's fields only), a page at a time (`cursor`)."""
     owner, name = _segment(owner, "model"), _segment(name, "model")
     cursor = request.query_params.get("cursor")
     if cursor is not None and len(cursor) > MAX_CURSOR_LENGTH:
@@ -432,7 +425,7 @@ async def get_model_version(
             "cog_version": "0.9.0",
             "openapi_schema": {},
         }
-    return _json(_rebase(data, client.base_url, public))
+    return _json(catalog.version_object(data, catalog.cleaner(client, public)))
 
 
 # Stream URLs are capabilities: the npm client fetches them with no Authorization at all.

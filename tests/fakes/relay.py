@@ -506,6 +506,7 @@ class FakeRelay:
                    hashlib.sha256(model.encode()).hexdigest())
         version = {
             "id": vid, "created_at": "2025-01-15T10:00:00.000000Z", "cog_version": "0.9.4",
+            "relay": RELAY_BRAND,
             "openapi_schema": {"components": {"schemas": {
                 "Output": {"type": "array", "items": {"type": "string", "format": "uri"}}}}},
         }
@@ -514,14 +515,17 @@ class FakeRelay:
                 return 200, {
                     "url": f"https://replicate.com/{model}", "owner": owner, "name": name,
                     "description": f"{model} served by {RELAY_BRAND}", "visibility": "public",
-                    "run_count": 1, "latest_version": None,
+                    "run_count": 1, "latest_version": None, "message": f"{RELAY_BRAND} - Replicate",
+                    "default_example": {"id": _rand(26), "urls": {"get": "https://api.replicate.com/v1/predictions/x"}},
                 }
             case ["versions"]:
                 # Two pages, linked as Replicate links them (a relay passes its links on as they are).
                 pages = f"https://api.replicate.com/v1/models/{model}/versions?cursor="
+                extra = {"message": f"{RELAY_BRAND} - Replicate"}
                 if query == "cursor=page-2":
-                    return 200, {"next": None, "previous": pages + "page-1", "results": [{**version, "id": "0" * 64}]}
-                return 200, {"next": pages + "page-2", "previous": None, "results": [version]}
+                    return 200, {"next": None, "previous": pages + "page-1", "results": [{**version, "id": "0" * 64}],
+                                 **extra}
+                return 200, {"next": pages + "page-2", "previous": None, "results": [version], **extra}
             case ["versions", version_id]:
                 return 200, {**version, "id": version_id}
         return 404, NOT_FOUND
