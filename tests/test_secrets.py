@@ -67,7 +67,7 @@ def test_no_secret_or_upstream_identity_leaks_anywhere(
 def branded(gateway_factory: Any, relay: FakeRelay) -> Gateway:
     """A gateway told the relay's brand, allowed to deliver webhooks to 127.0.0.1."""
     upstream = UpstreamConfig(name="default", url=relay.upstream_url, token=relay.key, brand_names=[RELAY_BRAND])
-    gw: Gateway = gateway_factory(upstreams=[upstream], allow_private_webhooks=True, webhook_interval=0.1)
+    gw: Gateway = gateway_factory(upstreams=[upstream], allow_private_webhooks=True, allow_http_webhooks=True, webhook_interval=0.1)
     return gw
 
 
