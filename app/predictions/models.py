@@ -101,6 +101,13 @@ class Prediction(Base):
     next_poll_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     poll_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    # The reconciler's polls answered 404 in a row, and when the first of them was: kept here so
+    # a run of them outlives a pass and a restart (it ends a prediction only once it persists).
+    missing_polls: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    missing_since: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    # Set just before the reconciler sends its cancel at the prediction's deadline, and cleared
+    # only when that cancel provably never left: a cancel is sent once.
+    cancel_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)
     request_hash: Mapped[str | None] = mapped_column(String(64), default=None)
     # The client's webhook, kept here and never sent upstream.
