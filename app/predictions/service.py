@@ -66,7 +66,7 @@ FIRST_POLL_SECONDS = 2.0
 POLL_REFRESH_SECONDS = 5.0
 # Cancels an upstream answers with these have nothing to act on there (relays document no
 # cancel): the prediction is answered as it stands, as Replicate answers a cancel it cannot do.
-_CANCEL_UNSUPPORTED = frozenset({404, 405, 501})
+CANCEL_UNSUPPORTED = frozenset({404, 405, 501})
 IN_DOUBT_MARGIN_SECONDS = 5.0
 # What an upstream declared `rejects_with_5xx` answers itself. Not 502, 504 or Cloudflare's
 # 52x: a proxy in front of it answers those, also after the upstream has accepted the create
@@ -701,7 +701,7 @@ class PredictionService(PredictionRecorder):
         try:
             reply = upstream.client.prediction(await upstream.client.cancel_prediction(row.upstream_id), ours=row.id)
         except UpstreamFailure as failure:
-            if failure.error.status in _CANCEL_UNSUPPORTED:
+            if failure.error.status in CANCEL_UNSUPPORTED:
                 log.warning("prediction.cancel_unsupported",
                             extra={"prediction_id": row.id, "status": failure.error.status})
                 return await self.refreshed(row, within=POLL_REFRESH_SECONDS)

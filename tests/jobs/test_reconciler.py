@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import datetime, timedelta
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,32 @@ def test_a_create_in_doubt_is_failed_and_charged_at_the_estimate(
         assert listed[0]["error"] == "The gateway could not confirm this prediction with the upstream"
 
 
-def test_a_prediction_the_upstream_forgot_is_ended(quick_gateway: Gateway, relay: FakeRelay) -> None:
+def _at(value: datetime | str) -> datetime:
+    """A timestamp as either database returns it from a plain SELECT (SQLite's is naive UTC text)."""
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _wait_for_row(db_url: str, ready: Callable[[dict[str, Any]], bool], timeout: float = 15) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        (row,) = rows(db_url, "prediction")
+        if ready(row):
+            return row
+        assert time.monotonic() < deadline, f"never came: {row}"
+        time.sleep(0.05)
+
+
+def _answered(relay: FakeRelay, method: str, status: int, path_end: str = "") -> int:
+    return sum(1 for call in relay.calls if call.method == method and call.status == status
+               and call.path.endswith(path_end))
+
+
+def test_a_prediction_the_upstream_forgot_is_ended(
+    quick_gateway: Gateway, relay: FakeRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A minute of 404s, shortened to two seconds; three or more polls answered 404 in that time.
+    monkeypatch.setattr(reconciler, "FORGOTTEN_AFTER", timedelta(seconds=2))
     relay.starting_seconds = 60
     with quick_gateway.client(create_token(quick_gateway.db_url, "lost")) as api:
         create(api, "budget/model")
@@ -117,6 +143,117 @@ def test_a_prediction_the_upstream_forgot_is_ended(quick_gateway: Gateway, relay
     (row,) = rows(quick_gateway.db_url, "prediction")
     assert row["status"] == "failed"
     assert row["error"] == "The upstream no longer knows this prediction"
+    # The first poll comes 2 s after the create, the 404s then last 2 s at least.
+    assert _at(row["completed_at"]) - _at(row["created_at"]) >= timedelta(seconds=4)
+    assert _answered(relay, "GET", 404) >= reconciler.FORGOTTEN_AFTER_POLLS
+    assert row["missing_polls"] >= reconciler.FORGOTTEN_AFTER_POLLS
+    assert row["cost_note"].startswith("charged at the estimate")
+
+
+def test_a_few_404s_do_not_end_a_prediction_that_runs(quick_gateway: Gateway, relay: FakeRelay) -> None:
+    # A relay's load balancer or a lagging replica answers 404 now and then for a prediction it runs.
+    relay.starting_seconds = 5
+    with quick_gateway.client(create_token(quick_gateway.db_url, "blip")) as api:
+        create(api, "underestimated/model")
+    upstream_id = relay.creates()[0].prediction_id or ""
+    _wait_for_row(quick_gateway.db_url, lambda row: row["poll_attempts"] >= 3)
+    relay.fail_next("status", 2, status=404, method="GET", path_contains=upstream_id)
+    deadline = time.monotonic() + 10
+    while _answered(relay, "GET", 404) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _answered(relay, "GET", 404) == 2
+    wait_until_all_final(quick_gateway.db_url, 20)
+    (row,) = rows(quick_gateway.db_url, "prediction")
+    assert row["status"] == "succeeded"
+    assert (row["cost_micros"], row["cost_note"]) == (10_000, None), "its real cost, not the estimate"
+    assert (row["missing_polls"], row["missing_since"]) == (0, None), "an answer ends the run of 404s"
+
+
+def test_a_run_of_404s_outlives_a_restart(
+    gateway_factory: Any, relay: FakeRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reconciler, "FORGOTTEN_AFTER", timedelta(0))
+    settings = {"reconcile_interval": 0.1, "poll_backoff_max": 3}
+    relay.starting_seconds = 60
+    first: Gateway = gateway_factory(**settings)
+    with first.client(create_token(first.db_url, "restarted")) as api:
+        create(api, "budget/model")
+    _wait_for_row(first.db_url, lambda row: row["poll_attempts"] >= 3, timeout=20)
+    relay.forget(relay.creates()[0].prediction_id or "")
+    row = _wait_for_row(first.db_url, lambda row: row["missing_polls"] >= 1)
+    first.server.stop()
+    assert row["status"] == "starting"
+    assert row["missing_since"] is not None
+    gateway_factory(**settings)
+    wait_until_all_final(first.db_url, 20)
+    (row,) = rows(first.db_url, "prediction")
+    assert row["status"] == "failed"
+    assert row["error"] == "The upstream no longer knows this prediction"
+    # One 404 before the restart, two after it: the run was counted on, not started again.
+    assert _answered(relay, "GET", 404) == reconciler.FORGOTTEN_AFTER_POLLS
+
+
+def _past_its_lifetime(gateway_factory: Any, name: str) -> dict[str, Any]:
+    """The row of a prediction created behind a gateway whose predictions live 2 s, once final
+    (costing 0.01 USD if it succeeds, estimated at half that)."""
+    gateway: Gateway = gateway_factory(reconcile_interval=0.1, poll_backoff_max=0.3, max_prediction_seconds=2)
+    with gateway.client(create_token(gateway.db_url, name)) as api:
+        create(api, "underestimated/model")
+    wait_until_all_final(gateway.db_url, 20)
+    (row,) = rows(gateway.db_url, "prediction")
+    return row
+
+
+def test_past_its_lifetime_a_prediction_the_upstream_finished_is_recorded_as_it_ended(
+    gateway_factory: Any, relay: FakeRelay
+) -> None:
+    # Finished upstream in 0.9 s, first polled at 2 s, when it is already past its lifetime; the
+    # relay has no cancel endpoint.
+    relay.fail_next("status", status=405, path_contains="/cancel")
+    row = _past_its_lifetime(gateway_factory, "finished")
+    assert row["status"] == "succeeded"
+    assert (row["cost_micros"], row["cost_note"]) == (10_000, None), "its real cost, not the estimate"
+    assert _answered(relay, "POST", 405, "/cancel") == 1
+
+
+def test_past_its_lifetime_a_cancel_that_failed_is_not_sent_again_and_the_upstream_decides(
+    gateway_factory: Any, relay: FakeRelay
+) -> None:
+    # The cancel's 503 may have come after the relay acted on it: it is not sent again, and the
+    # prediction, which runs on upstream, ends as the upstream ends it.
+    relay.starting_seconds = 4
+    relay.fail_next("status", status=503, path_contains="/cancel")
+    row = _past_its_lifetime(gateway_factory, "late")
+    assert row["status"] == "succeeded"
+    assert (row["cost_micros"], row["cost_note"]) == (10_000, None), "its real cost, not the estimate"
+    assert [call.status for call in relay.calls if call.path.endswith("/cancel")] == [503]
+
+
+def test_past_its_lifetime_a_cancel_that_never_left_is_sent_on_a_later_pass(
+    gateway_factory: Any, relay: FakeRelay
+) -> None:
+    # A 429 proves the cancel was not acted on: sending it again later is still sending it once.
+    relay.starting_seconds = 60
+    relay.fail_next("throttle", path_contains="/cancel", retry_after=1)
+    row = _past_its_lifetime(gateway_factory, "throttled")
+    assert row["status"] == "canceled"
+    assert row["cost_micros"] == 0
+    assert [call.status for call in relay.calls if call.path.endswith("/cancel")] == [429, 200]
+
+
+def test_past_its_lifetime_a_prediction_whose_cancel_failed_ends_after_the_grace(
+    gateway_factory: Any, relay: FakeRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Three minutes, shortened to two seconds.
+    monkeypatch.setattr(reconciler, "EXPIRY_GRACE", timedelta(seconds=2))
+    relay.starting_seconds = 60
+    relay.fail_next("status", status=503, path_contains="/cancel")
+    row = _past_its_lifetime(gateway_factory, "stuck")
+    assert row["status"] == "failed"
+    assert row["error"] == "The prediction ran longer than the gateway's maximum lifetime"
+    assert _at(row["completed_at"]) - _at(row["created_at"]) >= timedelta(seconds=4)
+    assert (row["cost_micros"], row["cost_note"][:23]) == (5_000, "charged at the estimate")
+    assert [call.status for call in relay.calls if call.path.endswith("/cancel")] == [503]
 
 
 def test_a_prediction_past_its_lifetime_is_canceled_upstream(
