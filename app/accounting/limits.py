@@ -27,8 +27,9 @@ TIMEOUT_SECONDS = 0.5
 # A minute's counter is read through the next minute as the previous one; one minute more
 # covers gateway clocks slightly apart.
 RATE_KEY_SECONDS = 180
-# Past the longest a prediction can stay unfinished (its maximum life, then the reconciler's
-# last poll), an in-flight entry can only be a slot a crash never gave back.
+# Past the longest a prediction can stay unfinished (its maximum life, the reconciler's grace
+# for a failed cancel, 3 minutes, then its last poll), an in-flight entry can only be a slot a
+# crash never gave back.
 SLOT_MARGIN_SECONDS = 300
 # An in-flight entry whose prediction the database does not hold may still be a create between
 # its admission here and its row's commit; older than this, it is one that never got a row.
