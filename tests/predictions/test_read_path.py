@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
 
+from app.jobs import reconciler
 from app.predictions import rewrite
 from tests.conftest import Gateway
 from tests.dbtools import create_token, rows, standalone_recorder
@@ -121,7 +123,11 @@ def test_what_another_process_wrote_shows_once_the_row_is_read_again(
         assert api.get(f"/predictions/{prediction_id}").json()["status"] == "canceled"
 
 
-def test_what_this_process_records_replaces_its_cached_row_at_once(gateway_factory: Any, relay: FakeRelay) -> None:
+def test_what_this_process_records_replaces_its_cached_row_at_once(
+    gateway_factory: Any, relay: FakeRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Three 404s in a row end it, without the minute they must otherwise span.
+    monkeypatch.setattr(reconciler, "FORGOTTEN_AFTER", timedelta(0))
     gateway = gateway_factory(reconcile_interval=0.1, poll_backoff_max=0.1, running_cache_seconds=60)
     with gateway.client(create_token(gateway.db_url, "poller")) as api:
         prediction_id = _running(gateway, api, relay)
