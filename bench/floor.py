@@ -46,7 +46,8 @@ from app.tokens.service import INSTANCE_KEY_ID, hash_token, instance_key, new_id
 ADMIT_NAMES = ("token_id", "estimate", "now", "month", "minute", "rate_weight")
 INSERT_NAMES = ("id", "token_id", "upstream", "submission", "model", "status", "input", "created_at",
                 "updated_at", "estimate_micros", "price_multiplier_ppm", "bill_failures", "submit_deadline",
-                "public_base", "streamable", "poll_attempts", "webhook_sequence", "outputs_archived")
+                "public_base", "streamable", "poll_attempts", "webhook_sequence", "outputs_archived",
+                "missing_polls")
 ENTRY_NAMES = ("prediction_id", "token_id", "kind", "amount_micros", "created_at")
 LINK_COLUMNS = ("output", "logs", "metrics", "updated_at", "streamable", "upstream_id", "submission",
                 "next_poll_at", "version")
@@ -212,7 +213,8 @@ class Floor:
                "model": model, "status": "starting", "input": body["input"], "created_at": now, "updated_at": now,
                "estimate_micros": 0, "price_multiplier_ppm": 1_000_000, "bill_failures": False,
                "submit_deadline": now + timedelta(seconds=40), "public_base": self.public_base,
-               "streamable": False, "poll_attempts": 0, "webhook_sequence": 0, "outputs_archived": False}
+               "streamable": False, "poll_attempts": 0, "webhook_sequence": 0, "outputs_archived": False,
+               "missing_polls": 0}
 
         statements = self._ledger.statements
 

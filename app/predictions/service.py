@@ -278,6 +278,7 @@ class PredictionService(PredictionRecorder):
             "public_base": public_base,
             # What a flush would have filled in: the row is written by a plain insert below.
             "streamable": False, "poll_attempts": 0, "webhook_sequence": 0, "outputs_archived": False,
+            "missing_polls": 0,
         }
         prediction = detached(Prediction, **values)
         # Unset columns are left to the database (SQL NULL).
