@@ -61,7 +61,7 @@ def _prediction(token_id: str, **overrides: Any) -> Prediction:
         "model": "acme/hello", "status": "starting", "input": {"prompt": "hi ✓", "n": [1, 2.5, None]},
         "created_at": NOW, "updated_at": NOW, "estimate_micros": 12_345, "price_multiplier_ppm": 1_000_000,
         "bill_failures": True, "submit_deadline": NOW + timedelta(seconds=30), "streamable": False,
-        "poll_attempts": 0, "webhook_sequence": 0, "outputs_archived": False,
+        "poll_attempts": 0, "webhook_sequence": 0, "outputs_archived": False, "missing_polls": 0,
     }
     return Prediction(**{**values, **overrides})
 
