@@ -160,7 +160,6 @@ class UpstreamClient:
         with contextlib.suppress(ValueError):
             self._lines = wire.WirePool.header_lines(self._headers)
             self._json_lines = wire.WirePool.header_lines(self._json_headers)
-        self._secrets = [s for s in (token, self.base_url, httpx.URL(self.base_url).host, *brand_names) if s]
         self._hidden, self._hidden_pattern = _hiding(self.base_url, token, brand_names)
 
     async def aclose(self) -> None:
@@ -467,9 +466,7 @@ class UpstreamClient:
             return ""
         # Scrub before shortening, so no secret is cut in two and half of it kept.
         text = _URL_PATTERN.sub("[url]", value[:20000])
-        text = _KEY_PATTERN.sub("[redacted]", text)
-        for secret in self._secrets:
-            text = re.sub(re.escape(secret), "[upstream]", text, flags=re.IGNORECASE)
+        text = self.hide(_KEY_PATTERN.sub("[redacted]", text))
         return text[:2000]
 
     def hide(self, text: str) -> str:
