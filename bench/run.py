@@ -72,6 +72,26 @@ done = function(summary, latency, requests)
 end
 """
 
+# The gateway's running GETs cycle through this many predictions, half for each wrk thread, so no
+# two requests in flight ask for the same one: the gateway shares one upstream read among polls of
+# one prediction that arrive together, which would otherwise be measured instead of a read each.
+RUNNING_SPREAD = 128
+
+SPREAD_LUA = r"""
+ids = {%(ids)s}
+threads_seen = 0
+setup = function(thread)
+  thread:set("part", threads_seen)
+  threads_seen = threads_seen + 1
+end
+sent = 0
+request = function()
+  local half = #ids / 2
+  sent = sent + 1
+  return wrk.format(nil, "%(prefix)s" .. ids[(part %% 2) * half + (sent %% half) + 1])
+end
+"""
+
 NGINX_CONF = """
 worker_processes 1;
 daemon off;
@@ -269,6 +289,7 @@ class Target:
     pids: list[int]  # whose CPU counts as this target's
     token: str = ""
     ids: dict[str, str] = field(default_factory=dict)  # scenario -> prediction id to GET
+    running: list[str] = field(default_factory=list)  # the gateway's running GETs cycle through these
     pause: list[int] = field(default_factory=list)  # process groups stopped while idle
 
 
@@ -403,21 +424,25 @@ def start_gateway(procs: Processes, tmp: Path, delay: int, upstream_port: int, c
     proc = procs.start(f"gateway-{delay}", argv, cpus=cpus, log=log, env=env, cwd=tmp)
     wait_for_port(port, proc, log)
     base = f"http://{HOST}:{port}/replicate/v1"
-    status, running = http("POST", f"{base}/models/bench/running/predictions", token, CREATE_BODY)
-    if status != 201 or running.get("status") != "starting":
-        raise RuntimeError(f"gateway create of the running prediction: {status} {running}\n{tail(log)}")
+    spread = []
+    for _ in range(RUNNING_SPREAD):
+        status, running = http("POST", f"{base}/models/bench/running/predictions", token, CREATE_BODY)
+        if status != 201 or running.get("status") != "starting":
+            raise RuntimeError(f"gateway create of a running prediction: {status} {running}\n{tail(log)}")
+        spread.append(running["id"])
     status, finished = http("POST", f"{base}/models/bench/finished/predictions", token, CREATE_BODY)
     if status != 201 or finished.get("status") != "succeeded":
         raise RuntimeError(f"gateway create of the finished prediction: {status} {finished}\n{tail(log)}")
     # The checks that make each scenario what it claims to be.
-    status, body = http("GET", f"{base}/predictions/{running['id']}", token)
-    if status != 200 or body["status"] != "processing" or not body["urls"]["get"].startswith(f"http://{HOST}:{port}/"):
-        raise RuntimeError(f"GET of the running prediction: {status} {body}")
+    for running_id in spread:
+        status, body = http("GET", f"{base}/predictions/{running_id}", token)
+        if status != 200 or body["status"] != "processing" or not body["urls"]["get"].startswith(f"http://{HOST}:{port}/"):
+            raise RuntimeError(f"GET of a running prediction: {status} {body}")
     status, body = http("GET", f"{base}/predictions/{finished['id']}", token)
     if status != 200 or body["status"] != "succeeded":
         raise RuntimeError(f"GET of the finished prediction: {status} {body}")
     return Target("gateway", delay, port, [proc.pid], token=token,
-                  ids={"get-running": running["id"], "get-finished": finished["id"]}, pause=[proc.pid])
+                  ids={"get-running": spread[0], "get-finished": finished["id"]}, running=spread, pause=[proc.pid])
 
 
 def start_floor(procs: Processes, tmp: Path, delay: int, upstream_port: int, cpus: str | None) -> Target:
@@ -492,7 +517,10 @@ def wrk_cell(wrk: str, tmp: Path, target: Target, scenario: str, concurrency: in
         url, method, body = f"{base}/predictions/{target.ids[scenario]}", "GET", "wrk.body = nil"
     token = target.token or UPSTREAM_KEY
     script = tmp / f"{target.name}-{scenario}.lua"
-    script.write_text(LUA % {"method": method, "body": body, "token": token})
+    lua = LUA % {"method": method, "body": body, "token": token}
+    if scenario == "get-running" and target.running:
+        lua += SPREAD_LUA % {"ids": ", ".join(f'"{i}"' for i in target.running), "prefix": "/replicate/v1/predictions/"}
+    script.write_text(lua)
     threads = min(2, concurrency)
     argv = [wrk, f"-t{threads}", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--timeout", "5s", "-s", str(script), url]
     if cpus and shutil.which("taskset"):
@@ -722,7 +750,8 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-BACKLOG_SQL = "select count(*) from prediction where status in ('starting', 'processing')"
+# The running predictions the GET cells read are meant to stay unfinished: not a backlog.
+BACKLOG_SQL = "select count(*) from prediction where status in ('starting', 'processing') and model != 'bench/running'"
 
 
 def backlog(database_url: str) -> int | None:

@@ -195,6 +195,10 @@ class PredictionService(PredictionRecorder):
         # A running row's answer as last rendered, by id: kept while the poll finds the row
         # unchanged (the same object), dropped when this process writes the prediction.
         self._running_bodies: OrderedDict[str, tuple[Prediction, str, bytes]] = OrderedDict()
+        # The upstream reads in flight, by prediction id, each with the polls waiting on it:
+        # clients, streams and sync waits polling one prediction at once share one read (and
+        # its recording) instead of each asking the upstream and writing what it says.
+        self._reads: dict[str, list[asyncio.Future[Prediction | None]]] = {}
 
     async def create(
         self,
@@ -663,13 +667,43 @@ class PredictionService(PredictionRecorder):
 
     async def refreshed(self, row: Prediction, *, within: float | None = None) -> Prediction:
         """The prediction brought up to date from the upstream, unless it is final or unlinked;
-        as it was, if the upstream has not answered within `within` seconds (when given)."""
+        as it was, if the upstream has not answered within `within` seconds (when given). A read
+        of it already in flight is joined rather than sent again."""
         upstream = self._registry.get(row.upstream)
-        if row.is_terminal or row.upstream_id is None or upstream is None:
+        upstream_id = row.upstream_id
+        if row.is_terminal or upstream_id is None or upstream is None:
             return row
+        waiting = self._reads.get(row.id)
+        if waiting is not None:
+            return await self._join_read(row, waiting, within)
+        self._reads[row.id] = waiting = []
+        fresh: Prediction | None = None
+        try:
+            fresh = await self._read_upstream(row, upstream_id, upstream, within)
+        finally:
+            del self._reads[row.id]
+            for joined in waiting:
+                if not joined.done():
+                    joined.set_result(fresh)
+        return row if fresh is None else fresh
+
+    async def _join_read(self, row: Prediction, waiting: list[asyncio.Future[Prediction | None]],
+                         within: float | None) -> Prediction:
+        joined: asyncio.Future[Prediction | None] = asyncio.get_running_loop().create_future()
+        waiting.append(joined)
+        try:
+            fresh = await (joined if within is None else asyncio.wait_for(joined, within))
+        except TimeoutError:
+            return row
+        return row if fresh is None else fresh
+
+    async def _read_upstream(self, row: Prediction, upstream_id: str, upstream: Upstream,
+                             within: float | None) -> Prediction | None:
+        """The prediction as the upstream now says it is, recorded if it changed; None if the
+        upstream did not answer usefully (the last known state stands)."""
         try:
             reply = upstream.client.prediction(
-                await upstream.client.get_prediction(row.upstream_id, within=within), ours=row.id)
+                await upstream.client.get_prediction(upstream_id, within=within), ours=row.id)
         except UpstreamFailure as failure:
             # The last known state is still true; a relay blip must not break a client's poll.
             # Under the caller's bound a time-out may be the bound's own doing, which says
@@ -677,15 +711,15 @@ class PredictionService(PredictionRecorder):
             if within is None or not isinstance(failure.error, UpstreamTimeout):
                 _note_health(upstream, failure.error)
             log.warning("prediction.refresh_failed", extra={"prediction_id": row.id, "status": failure.error.status})
-            return row
+            return None
         except InvalidUpstreamPrediction:
             upstream.client.answer_was_invalid("get")
             log.warning("prediction.refresh_failed", extra={"prediction_id": row.id, "status": 502})
-            return row
-        if reply.id != row.upstream_id:
+            return None
+        if reply.id != upstream_id:
             upstream.client.answer_was_invalid("get")
             log.error("upstream.mismatched_id", extra={"prediction_id": row.id})
-            return row
+            return None
         upstream.breaker.succeeded()
         if _unchanged(row, reply):
             return row  # most polls of a running prediction: nothing to write

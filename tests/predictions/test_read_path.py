@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
@@ -15,7 +16,7 @@ from app.predictions import rewrite
 from tests.conftest import Gateway
 from tests.dbtools import create_token, rows, standalone_recorder
 from tests.fakes.relay import FakeRelay
-from tests.helpers import assert_problem, create, wait_terminal
+from tests.helpers import assert_problem, create, release_together, wait_terminal
 
 
 def _ledger_row(gateway: Gateway, prediction_id: str) -> dict[str, object]:
@@ -166,3 +167,63 @@ def test_an_unchanged_running_prediction_is_rendered_once_per_host(
         renders.clear()
         assert api.get(f"/predictions/{prediction_id}").json()["status"] == "canceled"
         assert len(renders) == 1
+
+
+def _upstream_reads(relay: FakeRelay, upstream_id: str) -> int:
+    return sum(1 for call in relay.calls if call.method == "GET" and call.path.endswith(f"/predictions/{upstream_id}"))
+
+
+def _polls_while_the_upstream_is_slow(gateway: Gateway, token: str, relay: FakeRelay, prediction_id: str,
+                                      joining: int) -> list[httpx.Response]:
+    """One poll that the upstream answers only after a second, and `joining` more sent while
+    it waits; returns every answer, the first one's first."""
+    upstream_id = str(_ledger_row(gateway, prediction_id)["upstream_id"])
+    before = _upstream_reads(relay, upstream_id)
+    relay.fail_next("hang", seconds=1.0, method="GET", path_contains=upstream_id)
+    with ThreadPoolExecutor(1) as pool, gateway.client(token) as api:
+        waiting = pool.submit(api.get, f"/predictions/{prediction_id}")
+        deadline = time.monotonic() + 5
+        while _upstream_reads(relay, upstream_id) == before:
+            assert time.monotonic() < deadline, "the first poll never reached the upstream"
+            time.sleep(0.01)
+
+        def poll(_: int) -> httpx.Response:
+            with gateway.client(token) as own:
+                return own.get(f"/predictions/{prediction_id}")
+
+        joined = release_together(joining, poll)
+        return [waiting.result(), *joined]
+
+
+def test_polls_of_one_prediction_at_once_share_one_upstream_read(gateway_factory: Any, relay: FakeRelay) -> None:
+    gateway = gateway_factory(reconcile_interval=3600)
+    token = create_token(gateway.db_url, "poller")
+    with gateway.client(token) as api:
+        prediction_id = _running(gateway, api, relay)
+    upstream_id = str(_ledger_row(gateway, prediction_id)["upstream_id"])
+    before = _upstream_reads(relay, upstream_id)
+    answers = _polls_while_the_upstream_is_slow(gateway, token, relay, prediction_id, joining=8)
+    assert [answer.status_code for answer in answers] == [200] * 9
+    assert all(answer.json()["status"] == "processing" for answer in answers)
+    # Nine polls, one read: each joined the one in flight instead of asking again.
+    assert _upstream_reads(relay, upstream_id) == before + 1
+    with gateway.client(token) as api:
+        assert api.get(f"/predictions/{prediction_id}").status_code == 200
+    assert _upstream_reads(relay, upstream_id) == before + 2  # the next poll reads again
+
+
+def test_polls_that_joined_a_read_get_what_it_recorded(gateway_factory: Any, relay: FakeRelay) -> None:
+    gateway = gateway_factory(reconcile_interval=3600)
+    token = create_token(gateway.db_url, "poller")
+    with gateway.client(token) as api:
+        relay.starting_seconds = 0
+        relay.processing_seconds = 0.5  # over by the time the slow read answers
+        created = create(api)
+        assert created.status_code == 201, created.text
+        prediction_id = created.json()["id"]
+    answers = _polls_while_the_upstream_is_slow(gateway, token, relay, prediction_id, joining=6)
+    assert [answer.json()["status"] for answer in answers] == ["succeeded"] * 7
+    assert len({answer.json()["output"][0] for answer in answers}) == 1
+    settlements = [r for r in rows(gateway.db_url, "ledger_entry")
+                   if r["prediction_id"] == prediction_id and r["kind"] != "reservation"]
+    assert len(settlements) == 1
