@@ -237,8 +237,14 @@ class PredictionService(PredictionRecorder):
         recorded = redact_secret(caller_input if caller_input is not None else body["input"], caller_secret)
         request_hash = None
         if idempotency_key is not None:
+            # Where the events go is part of the request: the same key with another webhook is
+            # another request (422), not a replay that would leave the new receiver unaware.
+            # Only when set, so that a key used before webhooks were hashed still replays.
+            subscription = {name: value for name, value in (
+                ("webhook", webhook), ("webhook_events_filter", webhook_events_filter),
+                ("webhook_completed", webhook_completed)) if value is not None}
             request_hash = hashlib.sha256(orjson.dumps(
-                {"path": target.upstream_path, "body": {**forwarded, "input": recorded}},
+                {"path": target.upstream_path, "body": {**forwarded, "input": recorded}, **subscription},
                 option=orjson.OPT_SORT_KEYS,
             )).hexdigest()
             replayed = await self._replay(token, idempotency_key, request_hash)

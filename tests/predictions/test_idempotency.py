@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import Counter
 
 import httpx
+import orjson
 
 from tests.conftest import Gateway
+from tests.dbtools import rows
 from tests.fakes.relay import FakeRelay
 from tests.helpers import assert_problem
 
@@ -81,3 +84,31 @@ def test_malformed_keys_are_422(api: httpx.Client, relay: FakeRelay) -> None:
     for key in ("x" * 256, "has space", "tab\tkey"):
         assert_problem(api.post(PATH, json=BODY, headers={"Idempotency-Key": key}), 422)
     assert relay.creates() == []
+
+
+def test_same_key_with_another_webhook_is_422(api: httpx.Client, relay: FakeRelay) -> None:
+    hooked = {**BODY, "webhook": "https://hooks.example/one", "webhook_events_filter": ["completed"]}
+    first = api.post(PATH, json=hooked, headers={"Idempotency-Key": "k-hook"})
+    assert first.status_code == 201, first.text
+    same = api.post(PATH, json=hooked, headers={"Idempotency-Key": "k-hook"})
+    assert same.json()["id"] == first.json()["id"]
+    assert same.headers["idempotent-replayed"] == "true"
+    # Another receiver, other events, a second receiver, or none: each is another request.
+    for changed in ({**hooked, "webhook": "https://hooks.example/two"},
+                    {**hooked, "webhook_events_filter": ["start", "completed"]},
+                    {**hooked, "webhook_completed": "https://hooks.example/also"},
+                    BODY):
+        assert_problem(api.post(PATH, json=changed, headers={"Idempotency-Key": "k-hook"}), 422)
+    assert len(relay.creates()) == 1
+
+
+def test_a_key_without_a_webhook_replays_as_it_did_before_webhooks_were_compared(
+        gateway: Gateway, api: httpx.Client, relay: FakeRelay) -> None:
+    first = api.post(PATH, json=BODY, headers={"Idempotency-Key": "k-plain"})
+
+    (row,) = [r for r in rows(gateway.db_url, "prediction") if r["id"] == first.json()["id"]]
+    # The hash a create without webhook fields was given before they were part of it.
+    before = hashlib.sha256(orjson.dumps({"path": "v1/models/black-forest-labs/flux-schnell/predictions",
+                                          "body": BODY}, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    assert row["request_hash"] == before
+    assert api.post(PATH, json=BODY, headers={"Idempotency-Key": "k-plain"}).json()["id"] == first.json()["id"]
