@@ -183,6 +183,7 @@ class Reconciler:
     async def _claim(self) -> list[Claim]:
         def claim(connection: Connection) -> list[Claim]:
             now = database_now(connection)
+            self._service.note_database_time(now)
             rows = connection.execute(due_for_polling(now).with_for_update(skip_locked=True)).all()
             lease_until = now + self._lease
             # One update per back-off step rather than one per row; a Cancel-After deadline

@@ -195,10 +195,18 @@ class PredictionService(PredictionRecorder):
         # A running row's answer as last rendered, by id: kept while the poll finds the row
         # unchanged (the same object), dropped when this process writes the prediction.
         self._running_bodies: OrderedDict[str, tuple[Prediction, str, bytes]] = OrderedDict()
+        # How far the database's clock is ahead of this process's (PostgreSQL's; nil on SQLite),
+        # as the reconciler last read it: a create's in-doubt deadline is compared with the
+        # database's clock, so a process running behind it must not set one already past.
+        self._database_ahead = timedelta(0)
         # The upstream reads in flight, by prediction id, each with the polls waiting on it:
         # clients, streams and sync waits polling one prediction at once share one read (and
         # its recording) instead of each asking the upstream and writing what it says.
         self._reads: dict[str, list[asyncio.Future[Prediction | None]]] = {}
+
+    def note_database_time(self, moment: datetime) -> None:
+        """Learn how far the database's clock is from this process's, from `moment`, its time now."""
+        self._database_ahead = moment - utcnow()
 
     async def create(
         self,
@@ -278,7 +286,7 @@ class PredictionService(PredictionRecorder):
                                                    metered_default=self._settings.metered_estimate),
             "price_multiplier_ppm": ppm,
             "bill_failures": (rule is not None and rule.bill_failures) or candidates[0].config.bill_failures,
-            "submit_deadline": now + timedelta(seconds=in_doubt_after),
+            "submit_deadline": now + self._database_ahead + timedelta(seconds=in_doubt_after),
             "cancel_deadline": now + timedelta(seconds=cancel_after_seconds(cancel_after)) if cancel_after else None,
             "idempotency_key": idempotency_key,
             "request_hash": request_hash,
@@ -406,7 +414,7 @@ class PredictionService(PredictionRecorder):
         prediction.upstream = upstream.name
         prediction.bill_failures = (rule is not None and rule.bill_failures) or upstream.config.bill_failures
         # The time taken on the upstreams before does not count against this one's deadline.
-        prediction.submit_deadline = now + timedelta(
+        prediction.submit_deadline = now + self._database_ahead + timedelta(
             seconds=upstream.client.longest_create_seconds(wait) + IN_DOUBT_MARGIN_SECONDS)
         statement = (
             update(PREDICTIONS)

@@ -16,6 +16,7 @@ from app.columns import utcnow
 from app.db import QueuedWriteSession
 from app.jobs import reconciler
 from app.jobs.reconciler import CONCURRENCY, RECORDING, due_for_polling, expired_idempotency_keys
+from app.predictions import service as prediction_service
 from tests.conftest import Gateway
 from tests.dbtools import create_token, rows, sqlite_plan
 from tests.fakes.relay import FakeRelay
@@ -107,6 +108,28 @@ def test_a_create_in_doubt_is_failed_and_charged_at_the_estimate(
         assert row["cost_note"].startswith("charged at the estimate")
         listed = api.get("/predictions").json()["results"]
         assert listed[0]["error"] == "The gateway could not confirm this prediction with the upstream"
+
+
+def test_a_process_whose_clock_runs_behind_the_databases_sets_no_deadline_already_past(
+    gateway_factory: Any, relay: FakeRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # This process's clock a minute behind the database's, against which the reconciler compares
+    # the in-doubt deadline (on SQLite both are this process's: only the service's lags here).
+    monkeypatch.setattr(prediction_service, "utcnow", lambda: utcnow() - timedelta(seconds=60))
+    gateway: Gateway = gateway_factory(reconcile_interval=0.1, create_timeout=5)
+    service = gateway.server.server.config.app.state.gateway.predictions
+    deadline = time.monotonic() + 10
+    while service._database_ahead < timedelta(seconds=59):
+        assert time.monotonic() < deadline, "the reconciler never read the database's clock"
+        time.sleep(0.05)
+    with gateway.client(create_token(gateway.db_url, "lagging")) as api:
+        relay.fail_next("hang", method="POST", seconds=1.5)  # many reconciler passes meanwhile
+        created = create(api, "budget/model")
+        assert created.status_code == 201, created.text
+        assert wait_terminal(api, created.json()["id"])["status"] == "succeeded"
+    (row,) = rows(gateway.db_url, "prediction")
+    assert row["upstream_id"] is not None
+    check_all(gateway.db_url, relay, settled=True)
 
 
 def _at(value: datetime | str) -> datetime:
