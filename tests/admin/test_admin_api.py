@@ -40,6 +40,21 @@ def test_wrong_or_missing_admin_token_is_refused(admin_gateway: Gateway, token: 
         assert_problem(admin.get("/tokens"), 403)
 
 
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", "/tokens"), ("PATCH", "/tokens/ops"), ("POST", "/groups"), ("PATCH", "/groups/ops"),
+])
+def test_the_admin_token_is_checked_before_the_body_is_read(
+    gateway: Gateway, admin_gateway: Gateway, token: str, method: str, path: str
+) -> None:
+    unreadable = {"content": b"{not json", "headers": {"Content-Type": "application/json"}}
+    with _admin(gateway, "anything") as admin:
+        assert_problem(admin.request(method, path, **unreadable), 404)
+    with _admin(admin_gateway, None) as admin:
+        assert_problem(admin.request(method, path, **unreadable), 401)
+    with _admin(admin_gateway, token) as admin:
+        assert_problem(admin.request(method, path, **unreadable), 403)
+
+
 def test_create_use_list_revoke_and_report(admin_gateway: Gateway) -> None:
     with _admin(admin_gateway) as admin:
         created = admin.post("/tokens", json={"name": "ci", "models": ["black-forest-labs/*"],
