@@ -278,6 +278,15 @@ class TestSignedDownload:
         assert_problem(httpx.get(good), 404)
 
 
+    def test_get_and_head_are_two_operations_of_the_served_openapi_document(self, gateway: Gateway) -> None:
+        document = httpx.get(gateway.url + "/openapi.json")
+        assert document.status_code == 200
+        paths = document.json()["paths"]
+        assert {"get", "head"} <= paths["/v1/files/{file_id}/download"].keys()
+        operation_ids = [op["operationId"] for path in paths.values() for op in path.values()]
+        assert len(operation_ids) == len(set(operation_ids))
+
+
 @pytest.fixture
 def client(gateway: Gateway, token: str) -> replicate.Client:
     return replicate.Client(api_token=token, base_url=gateway.replicate_base)
