@@ -40,6 +40,7 @@ from app.predictions.headers import MAX_WAIT_SECONDS
 from app.predictions.router import router as predictions_router
 from app.predictions.router import streams_router
 from app.predictions.service import PredictionService
+from app.routes import API_PREFIXES
 from app.schema import Base as _all_tables  # noqa: F401  (every table known to the ORM)
 from app.serving import Respond
 from app.state import GatewayState
@@ -52,7 +53,6 @@ from app.webhooks.delivery import Deliverer
 from app.webhooks.router import inbound_router as webhooks_inbound_router
 from app.webhooks.router import router as webhooks_router
 
-API_PREFIXES = ("/replicate/v1", "/v1")
 # The Python client 1.x appends /v1 itself, so a base URL that already ends in /v1 asks for these.
 _DOUBLED_PREFIXES = ("/replicate/v1/v1/", "/v1/v1/")
 log = logging.getLogger(__name__)
