@@ -36,6 +36,9 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "outputs_on_relay": False,
     # Logs and errors that name the relay: its base URL, host, brand and its prediction id.
     "names_itself": False,
+    # A cancel takes effect as it arrives; its answer comes this much later, as from a relay
+    # that passes the cancel on and waits for its own upstream's answer.
+    "cancel_seconds": 0.0,
 }
 NOT_FOUND = {"detail": "Not found"}
 DELIVERY = "/delivery"
@@ -113,6 +116,7 @@ class FakeRelay:
     versions: dict[str, str]
     outputs_on_relay: bool
     names_itself: bool
+    cancel_seconds: float
 
     def __init__(self, key: str = DEFAULT_KEY, **settings: Any) -> None:
         unknown = set(settings) - set(DEFAULT_SETTINGS)
@@ -167,6 +171,15 @@ class FakeRelay:
         """Simulate retention expiry: the prediction 404s from now on."""
         with self._lock:
             self._preds[upstream_id].forgotten = True
+
+    def finish(self, upstream_id: str) -> None:
+        """End a prediction's run now, as its scripted time would (a final one stays as it is)."""
+        with self._lock:
+            p = self._preds[upstream_id]
+            elapsed = time.monotonic() - p.t0
+            p.starting = min(p.starting, elapsed)
+            p.processing = min(p.processing, elapsed - p.starting)
+            self._advance(p)
 
     @property
     def calls(self) -> list[Call]:
@@ -462,7 +475,9 @@ class FakeRelay:
                 snap = self._snapshot(pid)
                 return (200, snap) if snap else (404, NOT_FOUND)
             case "POST", ["predictions", pid, "cancel"]:
-                return self._cancel(pid)
+                canceled = self._cancel(pid)
+                await self._sleep(self.cancel_seconds)
+                return canceled
             case "GET", ["models", owner, name, *rest] if self.versions_supported:
                 return self._model_route(owner, name, rest, call.query)
         return 404, NOT_FOUND

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -160,3 +161,30 @@ def test_cancel_and_versions_flag(client: httpx.Client, relay: FakeRelay) -> Non
     assert client.post(f"/predictions/{pid}/cancel").json() == canceled
     relay.versions_supported = False
     assert client.get("/models/acme/flux").status_code == 404
+
+
+def test_finish_ends_a_run_now_and_leaves_a_final_one_alone(client: httpx.Client, relay: FakeRelay) -> None:
+    relay.processing_seconds = 60
+    pid = create(client, {})["id"]
+    relay.finish(pid)
+    done = client.get(f"/predictions/{pid}").json()
+    assert (done["status"], done["metrics"]["predict_time"]) == ("succeeded", relay.predict_time)
+    canceled = create(client, {})["id"]
+    client.post(f"/predictions/{canceled}/cancel")
+    relay.finish(canceled)
+    assert client.get(f"/predictions/{canceled}").json()["status"] == "canceled"
+
+
+def test_a_slow_cancel_takes_effect_before_it_is_answered(client: httpx.Client, relay: FakeRelay) -> None:
+    relay.processing_seconds, relay.cancel_seconds = 60, 0.5
+    pid = create(client, {})["id"]
+    with httpx.Client(base_url=relay.upstream_url + "/v1", headers=client.headers, timeout=10) as other:
+        started = time.monotonic()
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(client.post, f"/predictions/{pid}/cancel")
+            while not any(call.path.endswith("/cancel") for call in relay.calls):
+                time.sleep(0.01)
+            assert other.get(f"/predictions/{pid}").json()["status"] == "canceled"
+            assert not answer.done()
+            assert answer.result().json()["status"] == "canceled"
+    assert time.monotonic() - started >= 0.5
