@@ -11,12 +11,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import httpx
 
 from tests.dbtools import rows
 
+T = TypeVar("T")
 TERMINAL = {"succeeded", "failed", "canceled"}
 JS_DIR = Path(__file__).resolve().parent / "js"
 
@@ -58,24 +59,22 @@ def wait_terminal(api: httpx.Client, prediction_id: str, timeout: float = 15) ->
         time.sleep(0.1)
 
 
-def release_together(count: int, request: Callable[[int], httpx.Response]) -> list[httpx.Response]:
-    """Run `request(i)` for i in range(count) from as many threads, all released at once."""
+def release_together(count: int, request: Callable[[int], T]) -> list[T]:
+    """Run `request(i)` for i in range(count) from as many threads, all released at once; their
+    results in the order of `i`."""
     start = threading.Barrier(count)
-    responses: list[httpx.Response] = []
-    lock = threading.Lock()
+    results: list[T | None] = [None] * count
 
     def one(i: int) -> None:
         start.wait()
-        response = request(i)
-        with lock:
-            responses.append(response)
+        results[i] = request(i)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    return responses
+    return cast(list[T], results)
 
 
 def cli(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
