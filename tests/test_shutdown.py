@@ -65,8 +65,10 @@ DRAIN_SECONDS = 10
 LOAD_THREADS = 6
 STREAMS = 3
 # What a request cut off before the server read it meets: the connection refused, or closed
-# while it sat idle between two requests (keep-alive) as the drain began.
-NOT_ACCEPTED = ("ConnectError", "Server disconnected without sending a response.")
+# while it sat idle between two requests (keep-alive) as the drain began, with a reset when the
+# request's bytes were already waiting in it unread. Whether a create so cut left anything
+# behind is checked against the database after the restart.
+NOT_ACCEPTED = ("ConnectError", "Server disconnected without sending a response.", "Connection reset by peer")
 
 
 @dataclass
@@ -199,7 +201,7 @@ def test_sigterm_under_load_drains_what_was_accepted_refuses_the_rest_and_loses_
         if outcome.failure is None:
             _assert_complete(outcome)
         else:
-            assert outcome.failure in NOT_ACCEPTED, outcome
+            assert outcome.failure.endswith(NOT_ACCEPTED), outcome
     assert outcomes[-1].status == 201, outcomes[-1]
     for lines in streams:
         assert "event: error" in lines, lines
