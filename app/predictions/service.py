@@ -195,6 +195,9 @@ class PredictionService(PredictionRecorder):
         # A running row's answer as last rendered, by id: kept while the poll finds the row
         # unchanged (the same object), dropped when this process writes the prediction.
         self._running_bodies: OrderedDict[str, tuple[Prediction, str, bytes]] = OrderedDict()
+        # Writes this process has recorded, counted: a row read while one landed may predate it
+        # and is not kept (it would show a finished prediction unfinished again for a while).
+        self._writes_recorded = 0
         # How far the database's clock is ahead of this process's (PostgreSQL's; nil on SQLite),
         # as the reconciler last read it: a create's in-doubt deadline is compared with the
         # database's clock, so a process running behind it must not set one already past.
@@ -575,14 +578,16 @@ class PredictionService(PredictionRecorder):
         """The caller's prediction, or NotFound (the same answer for another token's)."""
         row = self._finals.get(prediction_id) or self._running.get(prediction_id)
         if row is None:
+            writes_before = self._writes_recorded
             row = await self._hot_reads.get(Prediction, prediction_id)
-            if row is not None and not row.is_terminal:
+            if row is not None and not row.is_terminal and self._writes_recorded == writes_before:
                 self._running.put(prediction_id, row)
         if row is None or row.token_id != token.id or row.submission == Submission.REJECTED:
             raise NotFound("The requested prediction could not be found")
         return row
 
     def _recorded(self, prediction_id: str) -> None:
+        self._writes_recorded += 1
         self._running.forget(prediction_id)
         self._running_bodies.pop(prediction_id, None)
 

@@ -227,3 +227,27 @@ def test_polls_that_joined_a_read_get_what_it_recorded(gateway_factory: Any, rel
     settlements = [r for r in rows(gateway.db_url, "ledger_entry")
                    if r["prediction_id"] == prediction_id and r["kind"] != "reservation"]
     assert len(settlements) == 1
+
+
+def test_a_row_read_while_this_process_wrote_it_is_not_kept(gateway_factory: Any, relay: FakeRelay) -> None:
+    gateway = gateway_factory(reconcile_interval=3600, running_cache_seconds=60)
+    service = gateway.server.server.config.app.state.gateway.predictions
+    with gateway.client(create_token(gateway.db_url, "poller")) as api:
+        prediction_id = _running(gateway, api, relay)
+        service._running.forget(prediction_id)
+        read = service._hot_reads.get
+        raced: list[str] = []
+
+        async def read_then_written(entity: Any, ident: Any) -> Any:
+            row = await read(entity, ident)
+            if not raced:  # this process ends the prediction while the read's row is on its way
+                raced.append(ident)
+                assert await service.force_finish(ident, status="aborted", reason="ended meanwhile")
+            return row
+
+        service._hot_reads.get = read_then_written
+        # The poll that read the row before the write may show it unfinished, once; later polls
+        # must not keep showing what that read saw (the relay still says "processing").
+        api.get(f"/predictions/{prediction_id}")
+        assert raced == [prediction_id]
+        assert api.get(f"/predictions/{prediction_id}").json()["status"] == "canceled"
