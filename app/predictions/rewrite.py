@@ -78,4 +78,9 @@ def to_client(
         body["deployment"] = prediction.deployment
     if prediction.cancel_deadline is not None:
         body["deadline"] = rfc3339(prediction.cancel_deadline)
+    # Replicate echoes the caller's own subscription (the npm client's types have it).
+    if prediction.webhook is not None:
+        body["webhook"] = prediction.webhook
+        if prediction.webhook_events_filter is not None:
+            body["webhook_events_filter"] = prediction.webhook_events_filter
     return body

@@ -286,6 +286,18 @@ class TestWebhookFields:
         assert "webhook_events_filter" not in sent
         assert "webhook_completed" not in sent
 
+    def test_the_subscription_is_echoed_to_its_owner(self, api: httpx.Client, relay: FakeRelay) -> None:
+        body = {"input": {}, "webhook": "https://hooks.example/x?customId=1", "webhook_events_filter": ["start", "completed"]}
+        created = api.post("/models/a/b/predictions", json=body).json()
+        read = api.get(f"/predictions/{created['id']}").json()
+        listed = api.get("/predictions").json()["results"][0]
+        for shown in (created, read, listed):
+            assert shown["webhook"] == "https://hooks.example/x?customId=1"
+            assert shown["webhook_events_filter"] == ["start", "completed"]
+        plain = api.post("/models/a/b/predictions", json={"input": {}}).json()
+        assert "webhook" not in plain
+        assert "webhook_events_filter" not in plain
+
     def test_webhook_completed_alone_is_the_webhook_for_the_completed_event(
         self, gateway: Gateway, api: httpx.Client, relay: FakeRelay
     ) -> None:
