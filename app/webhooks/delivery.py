@@ -256,6 +256,22 @@ class Deliverer:
             return self._failed(claim, status, f"the receiver answered {status} (redirects are not followed)")
         return self._failed(claim, status, f"the receiver answered {status}")
 
+    @staticmethod
+    async def _end_waiting_for(session: AsyncSession, claim: Claim, now: datetime) -> int:
+        """A 410 disables the endpoint: the deliveries of the same team still waiting for that
+        URL (not one being sent now) end dead too, rather than be retried for a day. An event that
+        comes later is tried once."""
+        result = await session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.status == DeliveryStatus.PENDING, WebhookDelivery.token_id == claim.token_id,
+                   WebhookDelivery.url == claim.url, WebhookDelivery.id != claim.id,
+                   or_(WebhookDelivery.lease_until.is_(None), WebhookDelivery.lease_until < now))
+            .values(status=DeliveryStatus.DEAD, lease_until=None, finished_at=now, last_status=410,
+                    last_error="the receiver answered 410 Gone to another delivery")
+            .execution_options(synchronize_session=False)
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
     async def _finish(self, claim: Claim, outcome: Outcome) -> None:
         async with self._sessions() as session:
             now = await self._now(session)
@@ -272,7 +288,12 @@ class Deliverer:
                        WebhookDelivery.status == DeliveryStatus.PENDING)
                 .values(**values)
             )
+            gone = 0
+            if outcome.last_status == 410 and result.rowcount == 1:  # type: ignore[attr-defined]
+                gone = await self._end_waiting_for(session, claim, now)
             await session.commit()
+        if gone:
+            log.warning("webhooks.endpoint_gone", extra={"delivery_id": claim.id, "ended": gone})
         fenced_out = result.rowcount != 1  # type: ignore[attr-defined]
         log.log(
             logging.WARNING if fenced_out or outcome.status != DeliveryStatus.DELIVERED else logging.INFO,

@@ -174,6 +174,37 @@ def test_429_is_retried_after_its_retry_after(
     assert done["attempts"] == 2
 
 
+def test_410_ends_every_delivery_waiting_for_that_url_and_a_later_event_is_tried_again(
+    gateway_factory: Any, receiver: Receiver
+) -> None:
+    gateway: Gateway = gateway_factory(allow_private_webhooks=True, allow_http_webhooks=True, webhook_interval=0.1)
+    receiver.answer(500, count=2)
+    url, elsewhere = receiver.url("/gone"), receiver.url("/other")
+    with gateway.client(create_token(gateway.db_url, "gone")) as api:
+        first, second = (create_with_webhook(api, url, ["completed"]) for _ in range(2))
+        other = create_with_webhook(api, elsewhere, ["completed"])
+        for created in (first, second, other):
+            wait_terminal(api, created["id"])
+        for created in (first, second):
+            wait_delivery(gateway.db_url, created["id"], attempts=1, last_status=500)
+        # Both wait for their second attempt; the first one's is answered 410.
+        receiver.answer(410)
+        due_now = f"UPDATE webhook_delivery SET next_attempt_at = created_at WHERE prediction_id = '{first['id']}'"  # noqa: S608
+        execute(gateway.db_url, due_now)
+        wait_delivery(gateway.db_url, first["id"], status="dead", last_status=410)
+        ended = wait_delivery(gateway.db_url, second["id"], status="dead")
+        assert (ended["attempts"], ended["last_status"]) == (1, 410)
+        assert ended["last_error"] == "the receiver answered 410 Gone to another delivery"
+        assert wait_delivery(gateway.db_url, other["id"], status="delivered")["attempts"] == 1
+        time.sleep(0.5)
+        assert [r.path for r in receiver.requests].count("/gone") == 3  # never the second's retry
+        # An event that comes after is tried: the receiver may be back.
+        later = create_with_webhook(api, url, ["completed"])
+        wait_terminal(api, later["id"])
+        assert wait_delivery(gateway.db_url, later["id"], status="delivered")["attempts"] == 1
+    check_deliveries(gateway.db_url, final=True)
+
+
 def test_410_ends_the_delivery_and_admins_see_it_without_the_url(
     gateway_factory: Any, receiver: Receiver
 ) -> None:
