@@ -178,6 +178,7 @@ def create_app(
                 storage=LocalStorage(settings.storage_dir),
                 token_cache=TokenCache(settings.auth_cache_seconds),
             )
+            app.state.gateway.predictions.resume_deferred()
             archiver = OutputArchiver(sessions=sessions, storage=app.state.gateway.storage,
                                       settings=settings, key=key)
             reconciler = Reconciler(

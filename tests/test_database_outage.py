@@ -350,5 +350,79 @@ async def test_on_close_a_waiting_write_is_tried_once_more_and_given_up_only_if_
     assert abandoned == ["p2"]
 
 
+async def test_a_write_with_a_record_is_kept_on_disk_until_it_lands(tmp_path: Path) -> None:
+    journal = tmp_path / "deferred-writes"
+    deferred = DeferredWrites(first_pause=0.01, journal=journal)
+    database_back = asyncio.Event()
+
+    async def write_once_back() -> None:
+        if not database_back.is_set():
+            raise ConnectionRefusedError(111, "refused")
+
+    async def write_with_a_bug() -> None:
+        raise ValueError("not the database")
+
+    deferred.add("link", "p1", write_once_back, record={"reply": {"id": "up-1"}})
+    deferred.add("rejection", "p2", write_with_a_bug, record={"reason": "why"})
+    deferred.add("link", "p3", write_once_back)  # no record: in memory only
+    assert sorted(path.name for path in journal.iterdir()) == ["p1.link.json", "p2.rejection.json"]
+    await _tick()  # p2 tried once and given up, the others still waiting
+    # What a process that starts now would find: the waiting write, from its file alone.
+    assert DeferredWrites(journal=journal).kept() == [("link", "p1", {"reply": {"id": "up-1"}})]
+    assert [deferred.holds(p) for p in ("p1", "p2", "p3")] == [True, False, True]
+    database_back.set()
+    deadline = time.monotonic() + 5
+    while len(deferred) and time.monotonic() < deadline:
+        await _tick()
+    assert len(deferred) == 0
+    assert list(journal.iterdir()) == []
+
+
+async def test_a_write_abandoned_at_close_stays_on_disk_for_the_next_start(tmp_path: Path) -> None:
+    journal = tmp_path / "deferred-writes"
+    deferred = DeferredWrites(first_pause=30, journal=journal)
+
+    async def never_lands() -> None:
+        raise ConnectionRefusedError(111, "refused")
+
+    deferred.add("rejection", "p1", never_lands, record={"reason": "database away"})
+    await _tick()
+    await deferred.aclose(last_attempt_seconds=0.5)
+    (journal / "stray.json.part").write_bytes(b"{")  # a write cut short: never read back
+    (journal / "broken.json").write_bytes(b"not json")
+    assert DeferredWrites(journal=journal).kept() == [("rejection", "p1", {"reason": "database away"})]
+
+
+def test_a_link_kept_on_disk_is_made_by_a_process_that_never_had_it_in_memory(
+    postgres_migrated: str, relay: FakeRelay, tmp_path: Path
+) -> None:
+    # The first process cannot write the link (the statement is refused: the database away for
+    # it), as when it is killed before the database is back; a second process on the same
+    # storage, which never saw the create, reads the kept write back at its start and makes it.
+    with _cuttable_gateway(postgres_migrated, relay, tmp_path) as gateway:
+        gateway.link.refuse_statements(b"UPDATE prediction SET upstream_id=")
+        created = gateway.api.post(MODEL_PATH, json={"input": {"prompt": "kept"}})
+        assert created.status_code == 201, created.text
+        prediction_id = created.json()["id"]
+        journal = tmp_path / "storage" / service_module.DEFERRED_WRITES_DIR
+        assert [path.name for path in journal.iterdir()] == [f"{prediction_id}.link.json"]
+        assert gateway.secret not in (journal / f"{prediction_id}.link.json").read_text()
+        assert _row(gateway.db_url, prediction_id)["upstream_id"] is None
+        settings = make_settings(postgres_migrated, relay.upstream_url, relay.key, storage_dir=tmp_path / "storage")
+        second = ServerThread(create_app(settings)).start()
+        try:
+            deadline = time.monotonic() + 10
+            while _row(gateway.db_url, prediction_id)["upstream_id"] is None:
+                assert time.monotonic() < deadline, "the kept link was never made"
+                time.sleep(0.05)
+            with httpx.Client(base_url=second.url + "/replicate/v1", timeout=30,
+                              headers={"Authorization": f"Bearer {gateway.secret}"}) as api:
+                assert wait_terminal(api, prediction_id)["status"] == "succeeded"
+            assert list(journal.iterdir()) == []
+        finally:
+            second.stop()
+        assert _row(gateway.db_url, prediction_id)["upstream_id"] == relay.creates()[0].prediction_id
+
+
 async def _tick() -> None:
     await asyncio.sleep(0.02)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from fnmatch import fnmatchcase
+from functools import partial
 from typing import Any, NoReturn, cast
 
 import orjson
@@ -51,7 +52,12 @@ from app.tokens.models import ApiToken
 from app.tokens.service import may_use_model, new_id
 from app.upstream.client import UpstreamFailure
 from app.upstream.registry import Registry, Upstream
-from app.upstream.schemas import InvalidUpstreamPrediction, UpstreamPrediction
+from app.upstream.schemas import (
+    InvalidUpstreamPrediction,
+    UpstreamPrediction,
+    parse_prediction,
+    to_wire,
+)
 from app.webhooks import inbound
 
 log = logging.getLogger(__name__)
@@ -68,6 +74,7 @@ POLL_REFRESH_SECONDS = 5.0
 # cancel): the prediction is answered as it stands, as Replicate answers a cancel it cannot do.
 CANCEL_UNSUPPORTED = frozenset({404, 405, 501})
 IN_DOUBT_MARGIN_SECONDS = 5.0
+DEFERRED_WRITES_DIR = "deferred-writes"  # under the storage directory
 # What an upstream declared `rejects_with_5xx` answers itself. Not 502, 504 or Cloudflare's
 # 52x: a proxy in front of it answers those, also after the upstream has accepted the create
 # (a 504 when the create outlives the proxy's time-out), so another upstream would run it twice.
@@ -178,8 +185,8 @@ class PredictionService(PredictionRecorder):
                          limits=limits)
         self._read_sessions = read_sessions
         self._hot_reads = hot_reads
-        # A create's own writes that met the database away, retried until they land.
-        self.deferred = DeferredWrites()
+        # A create's own writes that met the database away, kept on disk and retried until they land.
+        self.deferred = DeferredWrites(journal=settings.storage_dir / DEFERRED_WRITES_DIR)
         self.versions = KnownVersions(transactions, read_sessions)
         # Creates whose callers were answered before the upstream was (a sync wait that ran out).
         self._continuing: set[asyncio.Task[Any]] = set()
@@ -451,7 +458,38 @@ class PredictionService(PredictionRecorder):
 
     def _reject_later(self, prediction: Prediction, reason: str) -> None:
         self.deferred.add("rejection", prediction.id,
-                          lambda: self._write_failed_create(prediction, reason, maybe_sent=False))
+                          lambda: self._write_failed_create(prediction, reason, maybe_sent=False),
+                          record={"reason": reason})
+
+    def resume_deferred(self) -> int:
+        """Retry the writes an earlier process kept on disk and did not land (it stopped while
+        the database was away); before the reconciler's first pass, so that it leaves their
+        predictions to them. The number resumed."""
+        kept = self.deferred.kept()
+        for what, prediction_id, record in kept:
+            if what == "link":
+                reply = parse_prediction(record["reply"])
+                self.deferred.add(what, prediction_id, partial(self._link_kept, prediction_id, reply), record=record)
+            elif what == "rejection":
+                reason = str(record["reason"])
+                self.deferred.add(what, prediction_id, partial(self._reject_kept, prediction_id, reason),
+                                  record=record)
+        if kept:
+            log.warning("database.deferred_writes_resumed", extra={"count": len(kept)})
+        return len(kept)
+
+    async def _link_kept(self, prediction_id: str, reply: UpstreamPrediction) -> None:
+        row = await self._hot_reads.get(Prediction, prediction_id)
+        if row is None or row.upstream_id == reply.id:
+            return
+        link = {"upstream_id": reply.id, "submission": Submission.ACCEPTED,
+                "next_poll_at": utcnow() + timedelta(seconds=FIRST_POLL_SECONDS)}
+        await self._link(row, reply, link)
+
+    async def _reject_kept(self, prediction_id: str, reason: str) -> None:
+        row = await self._hot_reads.get(Prediction, prediction_id)
+        if row is not None and row.submission == Submission.PENDING:
+            await self._write_failed_create(row, reason, maybe_sent=False)
 
     async def _record_failed_create(self, prediction: Prediction, reason: str, maybe_sent: bool) -> None:
         """Record that a create did not go through; with the database away, a create that was
@@ -536,7 +574,8 @@ class PredictionService(PredictionRecorder):
         # link it once the database is back. Answering an error instead would invite a second
         # create, and leave the caller without the id of a prediction that runs. (A failed
         # attempt leaves `prediction` as it was: only a recorded state is copied onto it.)
-        self.deferred.add("link", prediction.id, lambda: self._link(prediction, reply, link))
+        self.deferred.add("link", prediction.id, lambda: self._link(prediction, reply, link),
+                          record={"reply": to_wire(reply)})
         answer = _copy(prediction)
         answer.__dict__.update(self._state_values(reply, prediction.upstream, now))
         if reply.status in TERMINAL_STATUSES:

@@ -90,3 +90,17 @@ def parse_prediction(data: Any) -> UpstreamPrediction:
         streamable=isinstance(urls, dict) and isinstance(urls.get("stream"), str),
         extra={k: v for k, v in data.items() if k not in _KNOWN_FIELDS},
     )
+
+
+def to_wire(reply: UpstreamPrediction) -> dict[str, Any]:
+    """An upstream prediction as a JSON object that `parse_prediction` reads back as it was."""
+    data: dict[str, Any] = {
+        **reply.extra,
+        "id": reply.id, "status": reply.status, "model": reply.model, "version": reply.version,
+        "output": reply.output, "error": reply.error, "logs": reply.logs, "metrics": reply.metrics,
+        "started_at": reply.started_at.isoformat() if reply.started_at else None,
+        "completed_at": reply.completed_at.isoformat() if reply.completed_at else None,
+    }
+    if reply.streamable:
+        data["urls"] = {"stream": ""}
+    return data

@@ -8,7 +8,12 @@ from typing import Any
 import orjson
 import pytest
 
-from app.upstream.schemas import InvalidUpstreamPrediction, parse_prediction, parse_timestamp
+from app.upstream.schemas import (
+    InvalidUpstreamPrediction,
+    parse_prediction,
+    parse_timestamp,
+    to_wire,
+)
 
 
 def relay_object(**overrides: Any) -> dict[str, Any]:
@@ -223,3 +228,16 @@ class TestInvalidPrediction:
 
     def test_is_a_value_error(self) -> None:
         assert issubclass(InvalidUpstreamPrediction, ValueError)
+
+
+@pytest.mark.parametrize("data", [
+    {"id": "abc123", "status": "starting"},
+    {"id": "abc123", "status": "succeeded", "model": "a/b", "version": "v1", "output": ["https://x/y.png"],
+     "error": None, "logs": "done", "metrics": {"predict_time": 1.5},
+     "started_at": "2026-12-07T10:00:00.123456789Z", "completed_at": "2026-12-07T10:00:02Z",
+     "urls": {"stream": "https://relay.example/s"}, "message": "a relay extra"},
+    {"id": "abc123", "status": "failed", "error": {"code": 1}, "logs": ["a", "b"]},
+])
+def test_to_wire_reads_back_as_it_was(data: dict[str, Any]) -> None:
+    parsed = parse_prediction(data)
+    assert parse_prediction(orjson.loads(orjson.dumps(to_wire(parsed)))) == parsed
