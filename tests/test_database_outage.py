@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import replicate
 from sqlalchemy import make_url
@@ -391,6 +392,25 @@ async def test_a_write_abandoned_at_close_stays_on_disk_for_the_next_start(tmp_p
     (journal / "stray.json.part").write_bytes(b"{")  # a write cut short: never read back
     (journal / "broken.json").write_bytes(b"not json")
     assert DeferredWrites(journal=journal).kept() == [("rejection", "p1", {"reason": "database away"})]
+
+
+def test_kept_writes_are_resumed_at_start_and_one_that_cannot_be_read_back_stops_nothing(
+    gateway_factory: Any, tmp_path: Path
+) -> None:
+    journal = tmp_path / "storage" / service_module.DEFERRED_WRITES_DIR
+    journal.mkdir(parents=True)
+    (journal / "gone.rejection.json").write_bytes(orjson.dumps(
+        {"what": "rejection", "prediction_id": "gone", "record": {"reason": "database away"}}))
+    (journal / "bad.link.json").write_bytes(orjson.dumps(
+        {"what": "link", "prediction_id": "bad", "record": {"reply": {"id": "", "status": "nonsense"}}}))
+    gateway = gateway_factory()
+    assert httpx.get(f"{gateway.url}/healthz").status_code == 200
+    deadline = time.monotonic() + 5
+    # The rejection of a prediction that was never written has nothing left to do: done.
+    while (journal / "gone.rejection.json").exists():
+        assert time.monotonic() < deadline, "the kept rejection was never resumed"
+        time.sleep(0.05)
+    assert [path.name for path in journal.iterdir()] == ["bad.link.json"]
 
 
 def test_a_link_kept_on_disk_is_made_by_a_process_that_never_had_it_in_memory(

@@ -465,18 +465,24 @@ class PredictionService(PredictionRecorder):
         """Retry the writes an earlier process kept on disk and did not land (it stopped while
         the database was away); before the reconciler's first pass, so that it leaves their
         predictions to them. The number resumed."""
-        kept = self.deferred.kept()
-        for what, prediction_id, record in kept:
-            if what == "link":
-                reply = parse_prediction(record["reply"])
-                self.deferred.add(what, prediction_id, partial(self._link_kept, prediction_id, reply), record=record)
-            elif what == "rejection":
-                reason = str(record["reason"])
-                self.deferred.add(what, prediction_id, partial(self._reject_kept, prediction_id, reason),
-                                  record=record)
-        if kept:
-            log.warning("database.deferred_writes_resumed", extra={"count": len(kept)})
-        return len(kept)
+        resumed = 0
+        for what, prediction_id, record in self.deferred.kept():
+            try:
+                if what == "link":
+                    write = partial(self._link_kept, prediction_id, parse_prediction(record["reply"]))
+                elif what == "rejection":
+                    write = partial(self._reject_kept, prediction_id, str(record["reason"]))
+                else:
+                    raise ValueError(what)
+            except (KeyError, ValueError):
+                # Left on disk for someone to look at; it must not keep the gateway from starting.
+                log.error("database.deferred_write_unreadable", extra={"what": what, "prediction_id": prediction_id})
+                continue
+            self.deferred.add(what, prediction_id, write, record=record)
+            resumed += 1
+        if resumed:
+            log.warning("database.deferred_writes_resumed", extra={"count": resumed})
+        return resumed
 
     async def _link_kept(self, prediction_id: str, reply: UpstreamPrediction) -> None:
         row = await self._hot_reads.get(Prediction, prediction_id)
