@@ -51,6 +51,10 @@ class _Write:
                 self.kept_at.unlink(missing_ok=True)
 
 
+def _kept_path(journal: Path, what: str, prediction_id: str) -> Path:
+    return journal / f"{prediction_id}.{what}.json"
+
+
 def _write_durably(path: Path, content: bytes) -> None:
     partial = path.with_name(path.name + ".part")
     with partial.open("wb") as handle:
@@ -83,16 +87,23 @@ class DeferredWrites:
         """Retry `write`, a write of this prediction, in the background; with `record` (what
         `kept()` gives back to redo it), kept on disk until it lands."""
         log.warning("database.write_deferred", extra={"what": what, "prediction_id": prediction_id})
-        kept_at = self._keep(what, prediction_id, record) if record is not None else None
-        deferred = _Write(what, prediction_id, write, kept_at)
-        task = asyncio.get_running_loop().create_task(self._retry(deferred), name=f"deferred {what}")
+        self._start(_Write(what, prediction_id, write,
+                           self._keep(what, prediction_id, record) if record is not None else None))
+
+    def resume(self, what: str, prediction_id: str, write: Callable[[], Awaitable[object]]) -> None:
+        """Retry `write`, one that `kept()` gave back: its file is already on disk."""
+        kept_at = None if self._journal is None else _kept_path(self._journal, what, prediction_id)
+        self._start(_Write(what, prediction_id, write, kept_at))
+
+    def _start(self, deferred: _Write) -> None:
+        task = asyncio.get_running_loop().create_task(self._retry(deferred), name=f"deferred {deferred.what}")
         self._tasks[task] = deferred
         task.add_done_callback(self._tasks.pop)
 
     def _keep(self, what: str, prediction_id: str, record: dict[str, Any]) -> Path | None:
         if self._journal is None:
             return None
-        path = self._journal / f"{prediction_id}.{what}.json"
+        path = _kept_path(self._journal, what, prediction_id)
         # On the loop's thread, before the caller is answered: only while the database is away,
         # and the write must be on disk before anyone relies on it.
         try:

@@ -478,7 +478,7 @@ class PredictionService(PredictionRecorder):
                 # Left on disk for someone to look at; it must not keep the gateway from starting.
                 log.error("database.deferred_write_unreadable", extra={"what": what, "prediction_id": prediction_id})
                 continue
-            self.deferred.add(what, prediction_id, write, record=record)
+            self.deferred.resume(what, prediction_id, write)
             resumed += 1
         if resumed:
             log.warning("database.deferred_writes_resumed", extra={"count": resumed})
