@@ -206,8 +206,9 @@ class PredictionService(PredictionRecorder):
         # and is not kept (it would show a finished prediction unfinished again for a while).
         self._writes_recorded = 0
         # How far the database's clock is ahead of this process's (PostgreSQL's; nil on SQLite),
-        # as the reconciler last read it: a create's in-doubt deadline is compared with the
-        # database's clock, so a process running behind it must not set one already past.
+        # as the reconciler last read it: a create's in-doubt and Cancel-After deadlines are
+        # compared with the database's clock, so a process running behind it must not set them
+        # already past (nor one running ahead set them late).
         self._database_ahead = timedelta(0)
         # The upstream reads in flight, by prediction id, each with the polls waiting on it:
         # clients, streams and sync waits polling one prediction at once share one read (and
@@ -297,7 +298,8 @@ class PredictionService(PredictionRecorder):
             "price_multiplier_ppm": ppm,
             "bill_failures": (rule is not None and rule.bill_failures) or candidates[0].config.bill_failures,
             "submit_deadline": now + self._database_ahead + timedelta(seconds=in_doubt_after),
-            "cancel_deadline": now + timedelta(seconds=cancel_after_seconds(cancel_after)) if cancel_after else None,
+            "cancel_deadline": (now + self._database_ahead + timedelta(seconds=cancel_after_seconds(cancel_after))
+                                if cancel_after else None),
             "idempotency_key": idempotency_key,
             "request_hash": request_hash,
             "webhook": webhook,

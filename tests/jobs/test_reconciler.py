@@ -110,18 +110,25 @@ def test_a_create_in_doubt_is_failed_and_charged_at_the_estimate(
         assert listed[0]["error"] == "The gateway could not confirm this prediction with the upstream"
 
 
-def test_a_process_whose_clock_runs_behind_the_databases_sets_no_deadline_already_past(
-    gateway_factory: Any, relay: FakeRelay, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # This process's clock a minute behind the database's, against which the reconciler compares
-    # the in-doubt deadline (on SQLite both are this process's: only the service's lags here).
+def _gateway_behind_the_database(gateway_factory: Any, monkeypatch: pytest.MonkeyPatch, **settings: Any) -> Gateway:
+    """A gateway whose prediction service's clock runs a minute behind the database's (on SQLite
+    both are this process's: only the service's lags), once its reconciler has noticed."""
     monkeypatch.setattr(prediction_service, "utcnow", lambda: utcnow() - timedelta(seconds=60))
-    gateway: Gateway = gateway_factory(reconcile_interval=0.1, create_timeout=5)
+    gateway: Gateway = gateway_factory(reconcile_interval=0.1, **settings)
     service = gateway.server.server.config.app.state.gateway.predictions
     deadline = time.monotonic() + 10
     while service._database_ahead < timedelta(seconds=59):
         assert time.monotonic() < deadline, "the reconciler never read the database's clock"
         time.sleep(0.05)
+    return gateway
+
+
+def test_a_process_whose_clock_runs_behind_the_databases_sets_no_deadline_already_past(
+    gateway_factory: Any, relay: FakeRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # This process's clock a minute behind the database's, against which the reconciler compares
+    # the in-doubt deadline.
+    gateway = _gateway_behind_the_database(gateway_factory, monkeypatch, create_timeout=5)
     with gateway.client(create_token(gateway.db_url, "lagging")) as api:
         relay.fail_next("hang", method="POST", seconds=1.5)  # many reconciler passes meanwhile
         created = create(api, "budget/model")
@@ -316,6 +323,27 @@ def test_a_cancel_after_deadline_is_kept_by_the_gateway_itself(gateway_factory: 
     assert row["cost_micros"] == 0
     ended = datetime.fromisoformat(final["completed_at"]) - datetime.fromisoformat(body["created_at"])
     assert 5 <= ended.total_seconds() < 7
+
+
+def test_a_process_whose_clock_runs_behind_the_databases_keeps_the_cancel_after_deadline(
+    gateway_factory: Any, relay: FakeRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The reconciler compares the deadline with the database's clock; this process's runs a minute
+    # behind it, so a deadline taken from its own clock would be long past at once.
+    gateway = _gateway_behind_the_database(gateway_factory, monkeypatch, poll_backoff_max=30)
+    relay.starting_seconds = 60
+    with gateway.client(create_token(gateway.db_url, "lagging")) as api:
+        created = api.post("/models/budget/model/predictions", json={"input": {}}, headers={"Cancel-After": "5s"})
+        assert created.status_code == 201, created.text
+        body = created.json()
+        started = time.monotonic()
+        time.sleep(2.5)  # some 25 reconciler passes
+        assert api.get(f"/predictions/{body['id']}").json()["status"] == "starting"
+        final = wait_terminal(api, body["id"], timeout=10)
+        waited = time.monotonic() - started
+    assert final["status"] == "canceled"
+    assert 4 <= waited < 8
+    assert any(call.path.endswith("/cancel") for call in relay.calls)
 
 
 def test_kill_9_during_creates_then_restart_settles_everything_within_a_minute(
