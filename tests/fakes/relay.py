@@ -148,6 +148,11 @@ class FakeRelay:
             self._faults.clear()
             self._restore_settings()
 
+    def clear_faults(self) -> None:
+        """Drop the faults not yet used; predictions, calls and settings stay."""
+        with self._lock:
+            self._faults.clear()
+
     def fail_next(
         self,
         kind: str,
