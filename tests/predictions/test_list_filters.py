@@ -61,3 +61,10 @@ def test_source_web_finds_nothing_and_bad_values_are_400(api: httpx.Client, date
     assert _ids(api, source="web") == []
     for params in ({"source": "api"}, {"created_after": "yesterday"}, {"created_before": "2025-13-01"}):
         assert_problem(api.get("/predictions", params=params), 400)
+
+
+@pytest.mark.parametrize("params", [{"created_before": "0001-01-01T00:00:00+14:00"},
+                                    {"created_after": "9999-12-31T23:59:59-23:59"}])
+def test_a_moment_beyond_the_calendar_once_in_utc_is_400(api: httpx.Client, params: dict[str, str]) -> None:
+    # Valid ISO 8601 in its own zone, but a year before 1 or after 9999 in UTC.
+    assert_problem(api.get("/predictions", params=params), 400)
