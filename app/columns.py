@@ -10,6 +10,9 @@ from sqlalchemy import DateTime
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 
+# The largest value an Integer column holds on every database: PostgreSQL's INTEGER is 32 bits.
+INTEGER_MAX = 2**31 - 1
+
 
 class UTCDateTime(TypeDecorator[datetime]):
     """A timezone-aware UTC timestamp on every database (SQLite stores it naive)."""

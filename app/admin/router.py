@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.accounting import service as accounting
 from app.accounting import usage as usage_report
 from app.accounting.pricing import ONE_PPM, to_micros, usd_text
-from app.columns import utcnow
+from app.columns import INTEGER_MAX, utcnow
 from app.deps import StateDep, get_state, presented_secret, public_base
 from app.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthenticated, ValidationFailed
 from app.groups import service as group_service
@@ -72,8 +72,8 @@ class TokenLimits(BaseModel):
     models: list[Glob] | None = Field(default=None, max_length=100)
     budget_usd: Decimal | None = None
     budget_period: Literal["total", "month"] | None = None
-    rpm_limit: int | None = Field(default=None, ge=1)
-    max_in_flight: int | None = Field(default=None, ge=1)
+    rpm_limit: int | None = Field(default=None, ge=1, le=INTEGER_MAX)
+    max_in_flight: int | None = Field(default=None, ge=1, le=INTEGER_MAX)
     expires_at: datetime | None = None
     group: str | None = Field(default=None, min_length=1, max_length=100)  # name or id
 
@@ -420,7 +420,7 @@ async def list_webhook_deliveries(
     request: Request,
     state: StateDep,
     status: Literal["pending", "delivered", "dead"] | None = None,
-    before: Annotated[int | None, Query(ge=1)] = None,
+    before: Annotated[int | None, Query(ge=1, le=INTEGER_MAX)] = None,
 ) -> Response:
     """Webhook deliveries, newest first, 100 a page (`next`), optionally only one status; each
     shows its URL's host only, never the path or query a receiver may put secrets in."""

@@ -141,3 +141,16 @@ def test_admin_prediction_pages(admin_gateway: Gateway) -> None:
         assert len(second["results"]) == 2
         assert second["next"] is None
         assert not {p["id"] for p in first["results"]} & {p["id"] for p in second["results"]}
+
+
+BEYOND_AN_INTEGER_COLUMN = 2**31  # PostgreSQL's INTEGER holds less; SQLite's more, short of 10**40
+
+
+@pytest.mark.parametrize("number", [BEYOND_AN_INTEGER_COLUMN, 10**40])
+def test_numbers_no_column_can_hold_are_422(admin_gateway: Gateway, number: int) -> None:
+    create_token(admin_gateway.db_url, "held")
+    with _admin(admin_gateway) as admin:
+        assert_problem(admin.get("/webhooks/deliveries", params={"before": number}), 422)
+        for limit in ("rpm_limit", "max_in_flight"):
+            assert_problem(admin.post("/tokens", json={"name": f"new-{limit}", limit: number}), 422)
+            assert_problem(admin.patch("/tokens/held", json={limit: number}), 422)
