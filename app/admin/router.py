@@ -64,6 +64,10 @@ router = APIRouter(route_class=AdminRoute)
 Glob = Annotated[str, Field(min_length=1, max_length=255)]
 
 
+# Well inside what the ledger's 64-bit counters of micro-dollars hold (about 9.2e12 USD).
+MAX_BUDGET_USD = Decimal(10**12)
+
+
 class TokenLimits(BaseModel):
     """Limits a token can carry; in an update, a key present with null removes that limit."""
 
@@ -88,6 +92,8 @@ class TokenLimits(BaseModel):
             raise ValueError("must be a decimal amount of USD") from None
         if not amount.is_finite() or amount < 0:
             raise ValueError("must be a non-negative amount")
+        if amount > MAX_BUDGET_USD:
+            raise ValueError(f"must be at most {MAX_BUDGET_USD:,} USD")
         return amount
 
     @field_validator("expires_at")

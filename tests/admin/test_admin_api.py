@@ -154,3 +154,13 @@ def test_numbers_no_column_can_hold_are_422(admin_gateway: Gateway, number: int)
         for limit in ("rpm_limit", "max_in_flight"):
             assert_problem(admin.post("/tokens", json={"name": f"new-{limit}", limit: number}), 422)
             assert_problem(admin.patch("/tokens/held", json={limit: number}), 422)
+
+
+@pytest.mark.parametrize("budget", [1e308, "1e20", "9223372036855"])
+def test_a_budget_past_what_the_ledger_counts_in_micros_is_422(admin_gateway: Gateway, budget: Any) -> None:
+    create_token(admin_gateway.db_url, "held")
+    with _admin(admin_gateway) as admin:
+        assert_problem(admin.post("/tokens", json={"name": "rich", "budget_usd": budget}), 422)
+        assert_problem(admin.patch("/tokens/held", json={"budget_usd": budget}), 422)
+        created = admin.post("/tokens", json={"name": "richest", "budget_usd": "1000000000000"})
+        assert created.status_code == 201, created.text
