@@ -185,6 +185,40 @@ class UpstreamTimeout(UpstreamError):
     default_detail = "The upstream service did not answer in time"
 
 
+_TEXT: dict[str, Any] = {"type": "string"}
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "Problem",
+    "type": "object",
+    "required": ["title", "detail", "status"],
+    "properties": {
+        "title": _TEXT,
+        "detail": _TEXT,
+        "status": {"type": "integer"},
+        "invalid_fields": {"type": "array", "items": {
+            "type": "object", "required": ["type", "field", "description"],
+            "properties": {"type": _TEXT, "field": _TEXT, "description": _TEXT},
+        }},
+    },
+}
+
+
+def document_problems(document: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI document with each 422 described as the problem it is answered with, not as
+    the framework's own validation body, which the gateway never sends."""
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    for framework_schema in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(framework_schema, None)
+    schemas["Problem"] = PROBLEM_SCHEMA
+    for operations in document.get("paths", {}).values():
+        for operation in operations.values():
+            if "422" in operation.get("responses", {}):
+                operation["responses"]["422"] = {
+                    "description": ValidationFailed.title,
+                    "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+                }
+    return document
+
+
 def problem_response(error: GatewayError) -> Response:
     """Render an error as problem+json with its headers."""
     return Response(

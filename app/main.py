@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 from fastapi import FastAPI
@@ -25,7 +26,7 @@ from app.db import (
     make_sessionmaker,
     schema_is_current,
 )
-from app.errors import install_error_handlers
+from app.errors import document_problems, install_error_handlers
 from app.files.router import router as files_router
 from app.foreground import Foreground
 from app.jobs.reconciler import Reconciler
@@ -78,6 +79,12 @@ class GatewayApp(FastAPI):
             await self.fast_lane(scope, receive, send)
         else:
             await super().__call__(scope, receive, send)
+
+    def openapi(self) -> dict[str, Any]:
+        """The framework's document, with its errors described as the problems they are."""
+        if self.openapi_schema is None:
+            self.openapi_schema = document_problems(super().openapi())
+        return self.openapi_schema
 
     async def framework(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The framework's own handling: its middleware stack, routing and dependencies."""
