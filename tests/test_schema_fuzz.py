@@ -106,7 +106,7 @@ class Operation:
     access: Access
     parameters: tuple[dict[str, Any], ...]
     body_schema: dict[str, Any] | None
-    response_schemas: dict[str, dict[str, Any]]
+    responses: dict[str, tuple[str, dict[str, Any]]]  # by status: the media type and its schema
 
     @property
     def api_template(self) -> str:
@@ -136,9 +136,9 @@ def _operations(document: dict[str, Any]) -> list[Operation]:
     for template, methods in document["paths"].items():
         for method, spec in methods.items():
             body = spec.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
-            responses = {code: _resolve(document, answer["content"]["application/json"].get("schema", {}))
+            responses = {code: (media, _resolve(document, content.get("schema", {})))
                          for code, answer in spec.get("responses", {}).items()
-                         if "application/json" in answer.get("content", {})}
+                         for media, content in answer.get("content", {}).items()}
             found.append(Operation(
                 method.upper(), template, classes[(method.upper(), template)],
                 tuple(spec.get("parameters", [])), _resolve(document, body) if body else None, responses,
@@ -451,7 +451,7 @@ def problems_with(op: Operation, response: httpx.Response, estate: Estate) -> li
         if page and media == "text/html":
             return []
         # An address no page matches is the gateway's own 404, a problem like any other.
-        return _problem_errors(response)
+        return _problem_errors(response) or _conformance_errors(op, status, response, estate)
     if page:
         return [] if media == "text/html" else [f"page {status} as {media}"]
     expected = NON_JSON_ROUTES.get(op.template)
@@ -461,7 +461,7 @@ def problems_with(op: Operation, response: httpx.Response, estate: Estate) -> li
         return [] if not response.content else ["a 204 with a body"]
     if media != "application/json":
         return [f"{status} as {media}"]
-    return _conformance_errors(op, status, response.json(), estate)
+    return _conformance_errors(op, status, response, estate) or _prediction_errors(op, response.json())
 
 
 def _redirect_errors(response: httpx.Response, page: bool) -> list[str]:
@@ -489,20 +489,27 @@ def _problem_errors(response: httpx.Response) -> list[str]:
     return errors
 
 
-def _conformance_errors(op: Operation, status: int, body: Any, estate: Estate) -> list[str]:
+def _conformance_errors(op: Operation, status: int, response: httpx.Response, estate: Estate) -> list[str]:
+    """A success must be documented; any answer the document describes must match it."""
+    documented = op.responses.get(str(status))
+    if documented is None:
+        return [f"status {status} is not in the document ({sorted(op.responses)})"] if status < 400 else []
+    media, schema = documented
+    if _media_type(response) != media:
+        return [f"{status} as {_media_type(response)}, documented as {media}"]
+    return schema_errors(estate.document, schema, response.json())
+
+
+def _prediction_errors(op: Operation, body: Any) -> list[str]:
+    if op.api_template not in PREDICTION_TEMPLATES:
+        return []
     errors = []
-    schema = op.response_schemas.get(str(status))
-    if schema is None:
-        errors.append(f"status {status} is not in the document ({sorted(op.response_schemas)})")
-    else:
-        errors += schema_errors(estate.document, schema, body)
-    if op.api_template in PREDICTION_TEMPLATES:
-        # A dot segment may land a request for one prediction on the list: judge what came back.
-        for prediction in body.get("results", [body]):
-            try:
-                ClientPrediction(**prediction)
-            except (TypeError, ValueError) as exc:
-                errors.append(f"not a client Prediction: {str(exc).splitlines()[0]}")
+    # A dot segment may land a request for one prediction on the list: judge what came back.
+    for prediction in body.get("results", [body]):
+        try:
+            ClientPrediction(**prediction)
+        except (TypeError, ValueError) as exc:
+            errors.append(f"not a client Prediction: {str(exc).splitlines()[0]}")
     return errors
 
 
