@@ -57,9 +57,12 @@ def parse_timestamp(value: Any) -> datetime | None:
 
 
 def _optional_text(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    return orjson.dumps(value).decode()
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else orjson.dumps(value).decode()
+    # PostgreSQL's text holds no NUL, and a model may print one: kept, every recording of the
+    # prediction failed there. Shown as the replacement character, as an undecodable byte is.
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
 
 
 def parse_prediction(data: Any) -> UpstreamPrediction:

@@ -267,6 +267,8 @@ class FakeRelay:
         d["started_at"] = _iso(p.created_ns + int(p.starting * 1e9), 9)
         frac = (elapsed - p.starting) / p.processing if p.processing > 0 else 1.0
         d["logs"] = "".join(f"step {i}/3\n" for i in range(1, min(3, int(frac * 3) + 1) + 1))
+        if isinstance(d["input"].get("log"), str):  # what the model itself prints, as given
+            d["logs"] += d["input"]["log"]
         if self.names_itself:
             d["logs"] = f"fetching from {self.base_url} for {d['id']}\n" + d["logs"]
         if elapsed < p.starting + p.processing:

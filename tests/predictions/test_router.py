@@ -322,3 +322,18 @@ def test_a_client_that_disconnects_mid_body_leaves_nothing_and_logs_no_error(
     assert relay.creates() == []
     assert rows(gateway.db_url, "prediction") == []
     assert not [line for line in log_lines if '"level":"error"' in line]
+
+
+def test_a_nul_in_the_upstreams_logs_is_recorded_and_the_prediction_settles(
+    api: httpx.Client, gateway: Gateway, relay: FakeRelay
+) -> None:
+    # PostgreSQL's text holds no NUL, and a model may print anything: one in the logs made every
+    # recording of the prediction fail, so it never finished or settled there.
+    created = create(api, "budget/model", log="binary \x00 junk\n", prompt="nul \x00 in the input")
+    assert created.status_code == 201, created.text
+    final = wait_terminal(api, created.json()["id"])
+    assert final["status"] == "succeeded"
+    assert "binary \ufffd junk" in final["logs"]
+    assert final["input"]["prompt"] == "nul \x00 in the input"  # JSON keeps it, escaped
+    (row,) = rows(gateway.db_url, "prediction")
+    assert row["cost_micros"] == 10_000
