@@ -93,6 +93,8 @@ def json_text(value: Any) -> str:
 # insufficient resources (too many connections, disk full), shutting down or starting up, and a
 # server that became a read-only standby in a failover.
 _UNAVAILABLE_SQLSTATES = ("08", "53", "57P01", "57P02", "57P03", "25006")
+# character_not_in_repertoire and untranslatable_character.
+_UNSTORABLE_TEXT_SQLSTATES = frozenset(("22021", "22P05"))
 _UNREACHABLE_ERRNOS = frozenset((errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN))
 _UNAVAILABLE_SQLITE = ("database is locked", "database table is locked", "disk i/o error",
                        "unable to open database file", "database or disk is full")
@@ -107,6 +109,13 @@ def database_unavailable(error: BaseException) -> bool:
     if isinstance(error, DBAPIError):
         return error.connection_invalidated or _driver_unavailable(error.orig)
     return _driver_unavailable(error)
+
+
+def unstorable_text(error: BaseException) -> bool:
+    """Whether `error` is PostgreSQL refusing a text value it cannot hold (a NUL character, or
+    one its encoding lacks): a value sent in the request, not the database being wrong."""
+    sqlstate = getattr(error.orig if isinstance(error, DBAPIError) else error, "sqlstate", None)
+    return sqlstate in _UNSTORABLE_TEXT_SQLSTATES
 
 
 def _driver_unavailable(error: BaseException | None) -> bool:

@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
-from app.db import database_unavailable
+from app.db import database_unavailable, unstorable_text
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +308,10 @@ _OUTAGE_LINES = _Sparse(5.0)
 
 
 async def on_database_error(request: Request, exc: Exception) -> Response:
-    """The database being away is a 503 the caller may retry; any other database error is a bug."""
+    """The database being away is a 503 the caller may retry, and a value it cannot hold a 400;
+    any other database error is a bug."""
+    if unstorable_text(exc):
+        return problem_response(BadRequest("The request holds a character that cannot be stored, such as NUL"))
     if not database_unavailable(exc):
         return await on_unexpected(request, exc)
     held_back = _OUTAGE_LINES.take()

@@ -164,3 +164,16 @@ def test_a_budget_past_what_the_ledger_counts_in_micros_is_422(admin_gateway: Ga
         assert_problem(admin.patch("/tokens/held", json={"budget_usd": budget}), 422)
         created = admin.post("/tokens", json={"name": "richest", "budget_usd": "1000000000000"})
         assert created.status_code == 201, created.text
+
+
+def test_a_nul_in_a_name_or_a_search_is_answered_never_a_500(admin_gateway: Gateway) -> None:
+    # PostgreSQL cannot compare text with a NUL in it; such a name names nothing.
+    create_token(admin_gateway.db_url, "held")
+    with _admin(admin_gateway) as admin:
+        for response in (admin.get("/tokens/held%00"), admin.post("/tokens/held%00/revoke"),
+                         admin.get("/groups/team%00"), admin.get("/tokens", params={"search": "he\x00ld"}),
+                         admin.get("/predictions", params={"token": "he\x00ld"})):
+            assert response.status_code in (200, 400, 404), (response.request.url, response.text)
+            if response.status_code != 200:
+                assert_problem(response, response.status_code)
+        assert admin.get("/tokens/held").json()["revoked_at"] is None
