@@ -140,7 +140,7 @@ def make_engine(database_url: str, *, pool_size: int = DEFAULT_POOL_SIZE, **kwar
         # Statements run on the event loop's thread (app/sqlite_inline.py); readers run side by
         # side in WAL mode, so keep enough connections that a burst never waits for one.
         engine = create_async_engine(
-            url, pool_size=20, max_overflow=40,
+            url, pool_size=20, max_overflow=40, hide_parameters=True,
             async_creator=sqlite_inline.connector(parsed.database or "", uri=parsed.query.get("uri") == "true"),
             json_serializer=json_text, **kwargs,
         )
@@ -154,7 +154,8 @@ def make_engine(database_url: str, *, pool_size: int = DEFAULT_POOL_SIZE, **kwar
     # asyncpg's statement preparation again (creates at 64 concurrent ran at 220 a second where a
     # pool of ten kept connections, with waits for a free one, ran 550). A request that finds every
     # connection busy waits for one.
-    engine = create_async_engine(url, pool_size=pool_size, max_overflow=0, connect_args=connect_args, **kwargs)
+    engine = create_async_engine(url, pool_size=pool_size, max_overflow=0, connect_args=connect_args,
+                                 hide_parameters=True, **kwargs)
     _replace_closed_connections(engine)
     return engine
 
@@ -538,7 +539,7 @@ def _as_core_error(dialect: Dialect, sql: str, values: list[Any], error: Excepti
     try:
         AsyncAdapt_asyncpg_connection._handle_exception_no_connection(dbapi, error)
     except dbapi.Error as translated:
-        return DBAPIError.instance(sql, values, translated, dbapi.Error, dialect=dialect)
+        return DBAPIError.instance(sql, values, translated, dbapi.Error, hide_parameters=True, dialect=dialect)
     except Exception as untranslated:  # the error itself, raised again as it came
         return untranslated
     return error

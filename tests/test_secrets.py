@@ -5,12 +5,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 import replicate
 from pydantic import ValidationError
+from sqlalchemy import text as sql_text
+from sqlalchemy.exc import DBAPIError
 
 from app.config import Settings, UpstreamConfig
+from app.db import _as_core_error, make_engine
 from tests.conftest import Gateway
 from tests.dbtools import create_token, dump_database
 from tests.fakes.receiver import Receiver
@@ -170,3 +174,31 @@ def test_a_bad_redis_url_is_refused_without_echoing_it() -> None:
     with pytest.raises(ValidationError, match="redis_url") as refused:
         Settings(_env_file=None, redis_url=f"http://:{REDIS_PASSWORD}@127.0.0.1:6379")  # type: ignore[call-arg]
     assert REDIS_PASSWORD not in str(refused.value)
+
+
+# What a failing statement may be given: a webhook URL with a key in its query, a caller's input.
+STATEMENT_VALUE = "https://hooks.example/in?auth=value-canary-5c1e"
+
+
+async def test_a_database_error_never_carries_its_statements_values(db_url: str) -> None:
+    # An unexpected error is logged with its traceback, and the driver's error text is in it.
+    engine = make_engine(db_url)
+    try:
+        async with engine.connect() as connection:
+            with pytest.raises(DBAPIError) as failed:
+                await connection.execute(sql_text("SELECT * FROM no_such_table WHERE x = :value"),
+                                         {"value": STATEMENT_VALUE})
+    finally:
+        await engine.dispose()
+    assert "no_such_table" in str(failed.value)
+    assert STATEMENT_VALUE not in str(failed.value)
+
+
+def test_a_direct_statements_error_never_carries_its_values() -> None:
+    # The hot statements run on asyncpg itself; their errors are raised as Core's would be.
+    engine = make_engine("postgresql://nobody@127.0.0.1:1/none")
+    translated = _as_core_error(engine.sync_engine.dialect, "SELECT $1 FROM no_such_table", [STATEMENT_VALUE],
+                                asyncpg.exceptions.UndefinedTableError('relation "no_such_table" does not exist'))
+    assert isinstance(translated, DBAPIError)
+    assert "no_such_table" in str(translated)
+    assert STATEMENT_VALUE not in str(translated)
