@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.exc import IntegrityError
 
 from app.accounting import service as accounting
 from app.predictions.models import PREDICTIONS
@@ -92,6 +93,29 @@ def test_two_processes_recording_the_same_final_state_close_it_once(
     (usage,) = rows(gateway.db_url, "usage_daily")
     assert (usage["predictions"], usage["succeeded"], usage["cost_micros"]) == (1, 1, 10_000)
     check_all(gateway.db_url, relay)
+
+
+def test_the_database_refuses_a_second_closing_entry_for_a_prediction(gateway: Gateway, relay: FakeRelay) -> None:
+    # Behind the compare-and-set, the unique (prediction, kind) pair is the last guard against a
+    # second charge: the transaction that would write one fails whole, the counters' update too.
+    secret = create_token(gateway.db_url, "team")
+    with gateway.client(secret) as api:
+        created = create(api, "budget/model")
+        assert wait_terminal(api, created.json()["id"])["status"] == "succeeded"
+    (prediction,) = rows(gateway.db_url, "prediction")
+    charged_again = accounting.Outcome(charged=True, amount_micros=10_000)
+
+    async def close_again() -> None:
+        async with standalone_recorder(gateway.db_url, gateway.settings) as (_, transactions):
+            await transactions.run(lambda connection: accounting.close(
+                connection, prediction_id=prediction["id"], token_id=prediction["token_id"],
+                estimate_micros=10_000, outcome=charged_again, now=datetime.now(UTC)))
+
+    with pytest.raises(IntegrityError):
+        asyncio.run(close_again())
+    assert sorted(entry["kind"] for entry in rows(gateway.db_url, "ledger_entry")) == ["reservation", "settlement"]
+    token = token_row(gateway.db_url, "team")
+    assert (token["spent_micros"], token["reserved_micros"]) == (10_000, 0)
 
 
 def test_the_one_statement_settlement_sets_only_what_it_means_to() -> None:
