@@ -20,8 +20,8 @@ from tests.conftest import Gateway
 from tests.dbtools import create_token, rows, token_row
 from tests.fakes.receiver import Receiver
 from tests.fakes.relay import FakeRelay
-from tests.helpers import wait_until_all_final
-from tests.invariants import check_all
+from tests.helpers import release_together, wait_until_all_final
+from tests.invariants import TERMINAL, check_all
 
 SEEDS = [11, 23, 37, 41, 59, 73]
 VERSION = "5c7d5dc6dd8bf75c1acaa8565735e7986bc5b66206b55cca93cb72c9bf15ccaa"
@@ -85,6 +85,7 @@ class Walk:
     predictions: dict[str, Known] = field(default_factory=dict)
     keys: dict[str, KeyUse] = field(default_factory=dict)
     history: list[str] = field(default_factory=list)
+    stored: dict[str, str] = field(default_factory=dict)  # each row's status at the last snapshot
     api: httpx.Client = field(init=False)
 
     def __post_init__(self) -> None:
@@ -137,6 +138,16 @@ class Walk:
             copy.close()
         snapshot_url = f"sqlite:///{self.snapshot}"
         check_all(snapshot_url)
+        # I6 in the store: a row's status never goes back, and a closed one stays final.
+        closed = {e["prediction_id"] for e in rows(snapshot_url, "ledger_entry") if e["kind"] != "reservation"}
+        for row in rows(snapshot_url, "prediction"):
+            status, earlier = row["status"], self.stored.get(row["id"], "starting")
+            if earlier in TERMINAL:
+                assert status == earlier, f"stored {row['id']} was {earlier}, now {status}"
+            else:
+                assert RANK.get(status, 2) >= RANK[earlier], f"stored {row['id']} went {earlier} -> {status}"
+            assert row["id"] not in closed or status in TERMINAL, f"{row['id']} is closed but {status}"
+            self.stored[row["id"]] = status
         # Linked rows name predictions the relay made, one each (orphans wait for the end).
         linked = [p["upstream_id"] for p in rows(snapshot_url, "prediction") if p["upstream_id"]]
         created = {call.prediction_id for call in self.relay.creates()}
@@ -263,12 +274,45 @@ class Walk:
         upstream_id = self.upstream_ids().get(known.id) if known else None
         if known is None or upstream_id is None:
             return
-        (call,) = [c for c in self.relay.creates() if c.prediction_id == upstream_id]
-        hint_path = httpx.URL(call.json()["webhook"]).path
-        response = httpx.post(self.gateway.url + hint_path, json={"id": upstream_id, "status": "succeeded"},
-                              timeout=10)
+        response = self._hint(upstream_id)
         self.note(f"hint {known.id} -> {response.status_code}")
         assert response.status_code == 204, response.text
+
+    def _hint(self, upstream_id: str) -> httpx.Response:
+        """The upstream's webhook for a prediction: only a hint, which makes the gateway poll."""
+        (call,) = [c for c in self.relay.creates() if c.prediction_id == upstream_id]
+        hint_path = httpx.URL(call.json()["webhook"]).path
+        return httpx.post(self.gateway.url + hint_path, json={"id": upstream_id, "status": "succeeded"}, timeout=10)
+
+    def race(self) -> None:
+        """The upstream's end, a cancel, two polls and a hint on one running prediction at once."""
+        linked = self.upstream_ids()
+        running = [k for k in self.predictions.values() if k.status not in FINAL and k.id in linked]
+        if not running:
+            return
+        known = self.rng.choice(running)
+        upstream_id, before = linked[known.id], known.status
+        racers: list[Callable[[], Any]] = [
+            lambda: self.relay.finish(upstream_id),
+            lambda: self.api.post(f"/predictions/{known.id}/cancel"),
+            lambda: self.api.get(f"/predictions/{known.id}"),
+            lambda: self.api.get(f"/predictions/{known.id}"),
+            lambda: self._hint(upstream_id),
+        ]
+        results = release_together(len(racers), lambda i: racers[i]())
+        answers = [r for r in results[1:4] if isinstance(r, httpx.Response) and r.status_code < 300]
+        self.note(f"race on {known.id} ({before}) -> {[r.status_code for r in results[1:] if r is not None]} "
+                  f"{[r.json()['status'] for r in answers]}")
+        finals = set()
+        for answer in answers:
+            body = answer.json()
+            ClientPrediction(**body)
+            assert RANK.get(body["status"], 2) >= RANK[before], f"race on {known.id}: {before} -> {body['status']}"
+            if body["status"] in FINAL:
+                finals.add(body["status"])
+        assert len(finals) <= 1, f"race on {known.id}: answered {finals}"
+        if finals:
+            known.status = finals.pop()
 
     def fault(self) -> None:
         kind, params = self.rng.choice(FAULTS)
@@ -308,10 +352,14 @@ class Walk:
             body = self.prediction_answer(self.api.get(f"/predictions/{known.id}"), f"final get {known.id}")
             assert body["status"] in FINAL, body
             row = stored[known.id]
-            if row["status"] == "succeeded" and row["cost_note"] is None:
-                assert row["cost_micros"] == PRICES[known.model], (known, row["cost_micros"])
-            elif row["status"] != "succeeded" and known.model != "billfailures/model":
-                assert row["cost_micros"] == 0, (known, row["cost_micros"])
+            charged = (known, row["cost_micros"], row["cost_note"])
+            if row["cost_note"] is not None:
+                # Unknown cost is charged at the estimate and flagged (P4).
+                assert row["cost_micros"] == row["estimate_micros"], charged
+            elif row["status"] == "succeeded":
+                assert row["cost_micros"] == PRICES[known.model], charged
+            elif known.model != "billfailures/model":
+                assert row["cost_micros"] == 0, charged
         delivered = set()
         for delivery in self.receiver.requests:
             body = delivery.json()
@@ -343,7 +391,7 @@ def check_budget(db_url: str) -> None:
 
 ACTIONS: list[tuple[Callable[[Walk], None], int]] = [
     (Walk.create, 30), (Walk.get, 14), (Walk.list_page, 4), (Walk.cancel, 8), (Walk.finish, 10),
-    (Walk.hint, 5), (Walk.fault, 5), (Walk.sleep, 8), (Walk.restart, 2),
+    (Walk.hint, 5), (Walk.race, 4), (Walk.fault, 5), (Walk.sleep, 8), (Walk.restart, 2),
 ]
 
 
