@@ -418,6 +418,8 @@ def walking(gateway_factory: Any, relay: FakeRelay, tmp_path: Path,
     yield begin
     for walk in walks:
         walk.api.close()
+        # Before the receiver: a gateway still running would find it gone and retry its deliveries.
+        walk.gateway.server.stop()
     receiver.stop()
 
 
