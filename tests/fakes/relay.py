@@ -24,7 +24,10 @@ DEFAULT_KEY = "sk-relay-canary-7f3a9c1e5b"
 PREFIX = "/replicate/v1"
 COOKIE = "relay_session=secret-cookie; Path=/"
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
-FAULT_KINDS = frozenset({"status", "throttle", "hang", "non_json", "huge", "redirect", "reset"})
+FAULT_KINDS = frozenset({"status", "throttle", "hang", "late", "non_json", "huge", "redirect", "reset"})
+# Faults that answer normally, only later: "hang" before making its answer, "late" after it (a
+# stale answer, from before anything that happened meanwhile).
+_DELAYS = frozenset({"hang", "late"})
 DEFAULT_SETTINGS: dict[str, Any] = {
     "starting_seconds": 0.3,
     "processing_seconds": 0.6,
@@ -163,7 +166,8 @@ class FakeRelay:
         **params: Any,
     ) -> None:
         """Make the next `count` matching requests misbehave as `kind` (see FAULT_KINDS), each
-        after `after_seconds=` if given ("hang" takes `seconds=` and then answers normally)."""
+        after `after_seconds=` if given ("hang" takes `seconds=` and then answers normally;
+        "late" answers as it would have at once, `seconds=` later)."""
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}")
         if kind == "status" and "status" not in params:
@@ -358,12 +362,12 @@ class FakeRelay:
                         "headers": [(k.encode(), v.encode()) for k, v in hs]})
             await send({"type": "http.response.body", "body": payload})
 
-        if fault is not None and fault.kind != "hang":
+        if fault is not None and fault.kind not in _DELAYS:
             # `after_seconds`: a fault that comes only after the upstream seemed to be working on it.
             await self._sleep(float(fault.params.get("after_seconds", 0)))
             await self._misbehave(fault, path, send, reply, call)
             return
-        if fault is not None:
+        if fault is not None and fault.kind == "hang":
             await self._sleep(float(fault.params.get("seconds", 30)))
         if method == "GET" and path.startswith(DELIVERY + "/"):
             # Like replicate.delivery: no key needed, gone once the prediction is forgotten.
@@ -377,6 +381,8 @@ class FakeRelay:
             status, result = 401, {"detail": "Invalid token"}
         else:
             status, result = await self._route(method, path, body, headers, call)
+        if fault is not None and fault.kind == "late":
+            await self._sleep(float(fault.params.get("seconds", 1)))
         await reply(status, json.dumps(result).encode())
 
     def _delivery(self, path: str) -> bytes | None:

@@ -103,6 +103,20 @@ def test_hang_is_delayed(client: httpx.Client, relay: FakeRelay) -> None:
     assert time.monotonic() - t0 >= 0.5
 
 
+def test_late_answers_what_was_true_when_asked(client: httpx.Client, relay: FakeRelay) -> None:
+    pid = create(client, {})["id"]
+    relay.fail_next("late", seconds=0.5)
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(1) as background:
+        asked = background.submit(client.get, f"/predictions/{pid}")
+        time.sleep(0.2)
+        relay.finish(pid)
+        late = asked.result(timeout=5)
+    assert time.monotonic() - t0 >= 0.5
+    assert late.json()["status"] == "starting"
+    assert client.get(f"/predictions/{pid}").json()["status"] == "succeeded"
+
+
 def test_huge_is_large(client: httpx.Client, relay: FakeRelay) -> None:
     relay.fail_next("huge", size=3 * 1024 * 1024)
     r = client.get("/predictions/whatever")
