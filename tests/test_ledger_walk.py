@@ -7,6 +7,7 @@ import random
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -314,6 +315,32 @@ class Walk:
         if finals:
             known.status = finals.pop()
 
+    def late_poll(self) -> None:
+        """A poll whose upstream answer, made while the prediction ran, lands after its end was
+        recorded: the stale state changes nothing (the status compare-and-set, P5)."""
+        linked = self.upstream_ids()
+        running = [k for k in self.predictions.values() if k.status not in FINAL and k.id in linked]
+        if not running:
+            return
+        known = self.rng.choice(running)
+        upstream_id = linked[known.id]
+        self.relay.fail_next("late", method="GET", path_contains=upstream_id, seconds=0.5)
+        with ThreadPoolExecutor(1) as background:
+            polled = background.submit(self.api.get, f"/predictions/{known.id}")
+            time.sleep(0.1)
+            self.relay.finish(upstream_id)
+            ended = self.api.post(f"/predictions/{known.id}/cancel")
+            late = polled.result(timeout=10)
+        self.note(f"late poll of {known.id} -> {late.status_code} {late.json().get('status')}, "
+                  f"its end -> {ended.status_code} {ended.json().get('status')}")
+        # The poll overlaps the end: it may show the prediction as it was before, never earlier.
+        polled_body = late.json()
+        ClientPrediction(**polled_body)
+        assert late.status_code == 200, late.text
+        assert RANK.get(polled_body["status"], 2) >= RANK[known.status], f"late poll of {known.id}: {polled_body}"
+        self.prediction_answer(ended, f"cancel of {known.id}")
+        self.check_snapshot()
+
     def fault(self) -> None:
         kind, params = self.rng.choice(FAULTS)
         self.note(f"fault {kind} {params}")
@@ -391,7 +418,7 @@ def check_budget(db_url: str) -> None:
 
 ACTIONS: list[tuple[Callable[[Walk], None], int]] = [
     (Walk.create, 30), (Walk.get, 14), (Walk.list_page, 4), (Walk.cancel, 8), (Walk.finish, 10),
-    (Walk.hint, 5), (Walk.race, 4), (Walk.fault, 5), (Walk.sleep, 8), (Walk.restart, 2),
+    (Walk.hint, 5), (Walk.race, 4), (Walk.late_poll, 3), (Walk.fault, 5), (Walk.sleep, 8), (Walk.restart, 2),
 ]
 
 
