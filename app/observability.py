@@ -124,17 +124,27 @@ class RequestContext:
         request_id = self.request_ids.for_request(scope["headers"])
         token = REQUEST_ID.set(request_id)
         status = 500
+        answered = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, answered
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                answered = True
             await send(message)
 
         self.foreground.started()
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            # The framework raises a route's error again after its handler (`on_unexpected`) has
+            # logged it and the 500 is sent, for the server to log; uvicorn then logged it again
+            # and closed the connection, which a client reusing it found gone. An answer cut
+            # short still ends its connection.
+            if not answered:
+                raise
         finally:
             self.foreground.finished()
             REQUEST_ID.reset(token)

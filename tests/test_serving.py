@@ -7,8 +7,11 @@ import socket
 from typing import Any
 
 import httpx
+import pytest
 
+from app.predictions.service import PredictionService
 from app.serving import CoalescingTransport
+from tests.conftest import Gateway
 from tests.servers import ServerThread, read_body
 
 
@@ -210,3 +213,26 @@ def test_direct_answers_keep_pipelined_order_continue_and_close_like_uvicorn() -
     finally:
         server.stop()
     assert app.through_asgi == ["/slow"]
+
+
+def test_after_a_routes_unexpected_error_the_connection_serves_the_next_request(
+    gateway: Gateway, token: str, log_lines: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bug is the one path no real input takes: the route's service is made to raise.
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(PredictionService, "page", broken)
+    request = f"Host: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", gateway.server.port), timeout=5) as raw:
+        raw.sendall(b"GET /replicate/v1/predictions HTTP/1.1\r\n" + request)
+        ((failed, _),) = _read_answers(raw, 1)
+        # The client may reuse the connection at once: it must still be there.
+        raw.sendall(b"GET /replicate/v1/account HTTP/1.1\r\n" + request)
+        ((after, body),) = _read_answers(raw, 1)
+    assert failed.startswith(b"HTTP/1.1 500 ")
+    assert after.startswith(b"HTTP/1.1 200 "), after
+    assert b'"type"' in body
+    errors = [line for line in log_lines if '"level":"error"' in line]
+    assert len(errors) == 1, errors  # the gateway's own line, not the server's again
+    assert '"event":"request.failed"' in errors[0]
