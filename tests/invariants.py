@@ -11,6 +11,15 @@ from tests.dbtools import rows
 from tests.fakes.relay import FakeRelay
 
 TERMINAL = {"succeeded", "failed", "canceled", "aborted"}
+UNFINISHED_ORDER = {"starting": 0, "processing": 1}
+
+
+def moves_forward(before: str, after: str) -> bool:
+    """I6 for two statuses of one prediction seen in turn: a final one never changes, and an
+    unfinished one never goes back."""
+    if before in TERMINAL:
+        return after == before
+    return after in TERMINAL or UNFINISHED_ORDER[after] >= UNFINISHED_ORDER[before]
 
 
 def check_ledger(db_url: str, *, settled: bool = False) -> None:
